@@ -1,0 +1,64 @@
+"""The ``healthivert`` command: one subcommand per pipeline stage plus tools.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``execute(args)``;
+this file only dispatches and turns :class:`~healthivert.errors.HealthiVertError` into one line on
+stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from healthivert.errors import HealthiVertError
+
+#: subcommand -> (module, one-line help). Stages first, in DAG order, then tools.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "phantom": ("healthivert.stages.phantom", "generate the synthetic spine CT dataset (VerSe layout, with ground truth)"),
+    "preprocess": ("healthivert.stages.preprocess", "stage 1: straighten, de-pedicle and crop every vertebra; write the manifest"),
+    "train-coarse": ("healthivert.stages.train_coarse", "stage 2: train the fracture classifier (attention maps) and the coarse generator"),
+    "train-fine": ("healthivert.stages.train_fine", "stage 3: train the whole generator from the coarse checkpoint"),
+    "synthesize": ("healthivert.stages.synthesize", "stage 4: iterative 2.5D synthesis of pseudo-healthy vertebrae"),
+    "rhlv": ("healthivert.stages.rhlv", "stage 5: relative height loss (RHLV) and height-loss maps per vertebra"),
+    "svm-fit": ("healthivert.stages.svm_fit", "stage 6: fit the Genant-grade SVM on RHLV features"),
+    "evaluate": ("healthivert.stages.evaluate", "stage 7: metrics, plots and the HTML report"),
+    "heights": ("healthivert.stages.heights", "mask-only morphometry: body heights and height loss of every vertebra"),
+    "submit": ("healthivert.stages.submit", "compile the Kubeflow pipeline and submit it (or only compile it)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (imports every subcommand module)."""
+    parser = argparse.ArgumentParser(prog="healthivert", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        module.add_arguments(sub)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns the process exit code (0 success, 2 on a reported error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        args._module.execute(args)
+    except HealthiVertError as exc:
+        print(f"healthivert {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

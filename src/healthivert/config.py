@@ -1,0 +1,284 @@
+"""Typed parameters: ``params.yaml`` (one section per stage) validated by pydantic models.
+
+Every section forbids unknown keys, so a misspelt setting fails before any stage runs, with the key
+named and the closest valid key suggested. Several parameter files can be layered (later ones win)
+and single keys overridden with ``section.key=value``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from healthivert.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every parameter section: strict, immutable, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def digest(self) -> str:
+        """Short stable hash of the section's values (checkpoints refuse to resume on a mismatch)."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------- data
+class PhantomParams(Section):
+    """Synthetic spine CT generator (the default dataset)."""
+
+    cases: int = Field(24, ge=1)
+    seed: int = 0
+    vertebrae_per_case: tuple[int, int] = (8, 10)
+    fracture_share: float = Field(0.35, ge=0.0, le=1.0)
+    grade_weights: tuple[float, float, float] = (0.47, 0.37, 0.16)
+    spacing_mm_range: tuple[float, float] = (0.8, 1.5)
+    noise_hu: float = Field(20.0, ge=0.0)
+
+
+class SplitParams(Section):
+    """Patient-wise train/val/test split."""
+
+    train: float = Field(0.6, gt=0.0, lt=1.0)
+    val: float = Field(0.2, ge=0.0, lt=1.0)
+    test: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+
+
+class PreprocessParams(Section):
+    """Straightening, de-pedicling and per-vertebra crops."""
+
+    spacing_mm: float = Field(1.0, gt=0.0)
+    crop_shape: tuple[int, int, int] = (128, 128, 48)
+    max_height_mm: float = Field(40.0, gt=0.0)
+    hu_window: tuple[float, float] = (-300.0, 1200.0)
+    depedicle: bool = True
+    split: SplitParams = SplitParams()
+
+
+# -------------------------------------------------------------------------------------------- model
+class NetworkSize(Section):
+    """Widths of one named configuration of the networks."""
+
+    cnum: int = Field(gt=0)
+    disc_channels: int = Field(gt=0)
+    disc_layers: int = Field(3, ge=1)
+    classifier_channels: int = Field(16, gt=0)
+
+
+class ModelParams(Section):
+    """Generator and discriminator architecture, shared by training and synthesis."""
+
+    size: Literal["cpu", "full"] = "cpu"
+    sizes: dict[str, NetworkSize] = {
+        "cpu": NetworkSize(cnum=8, disc_channels=16, disc_layers=3, classifier_channels=8),
+        "full": NetworkSize(cnum=16, disc_channels=64, disc_layers=3, classifier_channels=32),
+    }
+    max_height_px: int = Field(40, gt=0)
+    edge_module: bool = True
+    height_module: bool = True
+    attention_module: bool = True
+    contextual_attention: bool = True
+
+    @property
+    def network(self) -> NetworkSize:
+        """The widths of the selected configuration."""
+        return self.sizes[self.size]
+
+
+class LossWeights(Section):
+    """Weights of the generator's loss terms (0 switches a term off)."""
+
+    gan: float = 1.0
+    l1: float = 200.0
+    dice_coarse: float = 10.0
+    dice_fine: float = 15.0
+    edge: float = 800.0
+    height: float = 40.0
+
+
+class TrainParams(Section):
+    """One training stage (coarse or fine)."""
+
+    view: Literal["sagittal", "coronal"] = "sagittal"
+    epochs: int = Field(4, ge=1)
+    steps_per_epoch: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0.0)
+    beta1: float = 0.5
+    lr_constant_epochs: int = Field(2, ge=0)
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(0, ge=0)
+    losses: LossWeights = LossWeights()
+
+
+class ClassifierParams(Section):
+    """Fracture classifier behind the HealthiVert-Guided Attention Module (Grad-CAM++ maps)."""
+
+    epochs: int = Field(3, ge=1)
+    steps_per_epoch: int = Field(60, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    seed: int = 0
+
+
+class TrainCoarseParams(TrainParams):
+    """Stage 2: fracture classifier + attention maps, then the coarse generator."""
+
+    classifier: ClassifierParams = ClassifierParams()
+
+
+class TrainFineParams(TrainParams):
+    """Stage 3: the whole generator, coarse part initialised from stage 2."""
+
+
+# ------------------------------------------------------------------------------------ later stages
+class SynthesizeParams(Section):
+    """Iterative 2.5D synthesis of pseudo-healthy vertebrae."""
+
+    views: tuple[Literal["sagittal", "coronal"], ...] = ("sagittal",)
+    slice_fraction: float = Field(0.8, gt=0.0, le=1.0)
+    iterative: bool = True
+    neighbour_min_voxels: int = Field(200, ge=0)
+    batch_size: int = Field(32, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class RhlvParams(Section):
+    """Relative Height Loss of Vertebrae."""
+
+    central_fraction: float = Field(0.2, gt=0.0, le=0.5)
+    column_threshold: float = Field(0.7, ge=0.0, lt=1.0)
+    column_selection: Literal["healthy", "reference"] = "healthy"
+
+
+class SvmFitParams(Section):
+    """Genant grading from RHLV features."""
+
+    protocol: Literal["holdout", "reference_cv"] = "holdout"
+    features: tuple[str, ...] = ("rhlv_ant", "rhlv_mid", "rhlv_post")
+    c_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
+    folds: int = Field(5, ge=2)
+    seed: int = 0
+
+
+class EvaluateParams(Section):
+    """Metrics, plots and the clinician's report."""
+
+    bootstrap: int = Field(1000, ge=0)
+    seed: int = 0
+    report_vertebrae: int = Field(24, ge=0)
+
+
+class TrackingParams(Section):
+    """MLflow tracking (the URI comes from ``MLFLOW_TRACKING_URI``, else a local SQLite store)."""
+
+    enabled: bool = True
+    experiment: str = "healthivert"
+
+
+class Params(Section):
+    """All of ``params.yaml``."""
+
+    phantom: PhantomParams = PhantomParams()
+    preprocess: PreprocessParams = PreprocessParams()
+    model: ModelParams = ModelParams()
+    train_coarse: TrainCoarseParams = TrainCoarseParams()
+    train_fine: TrainFineParams = TrainFineParams()
+    synthesize: SynthesizeParams = SynthesizeParams()
+    rhlv: RhlvParams = RhlvParams()
+    svm_fit: SvmFitParams = SvmFitParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(assignment, "override must look like section.key=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(dotted, f"'{key}' is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_known_keys(annotation, prefix + name + "."))
+    return keys
+
+
+def _explain(error: ValidationError, source: str) -> ConfigError:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(location, _known_keys(Params), n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else "see params.yaml for the valid keys"
+        return ConfigError(source, f"unknown key '{location}'", hint)
+    return ConfigError(source, f"invalid value for '{location}': {first['msg']}")
+
+
+def load_params(paths: list[str | os.PathLike[str]] | str | os.PathLike[str] = "params.yaml",
+                overrides: list[str] | None = None) -> Params:
+    """Read and validate parameter files, later files and ``overrides`` winning.
+
+    Args:
+        paths: one YAML file or several (e.g. ``params.yaml`` then ``configs/full.yaml``).
+        overrides: ``section.key=value`` assignments, values parsed as YAML.
+
+    Raises:
+        ConfigError: a file is missing or not YAML, or a key is unknown or ill-typed.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    tree: dict[str, Any] = {}
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ConfigError(path, "parameter file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(path, "not valid YAML", str(exc).splitlines()[0]) from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(path, "expected a mapping of sections at the top level")
+        tree = _deep_merge(tree, loaded)
+    for assignment in overrides or []:
+        _apply_override(tree, assignment)
+    source = ", ".join(str(p) for p in paths) or "<defaults>"
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        raise _explain(exc, source) from None
+
+
+def dump_params(params: Params) -> str:
+    """The resolved parameters as YAML (saved next to a stage's outputs)."""
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)

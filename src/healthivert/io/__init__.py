@@ -1,0 +1,1 @@
+"""Reading and writing: NIfTI volumes, dataset layouts, centroids, grades, atomic outputs."""
