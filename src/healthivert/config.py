@@ -42,6 +42,9 @@ class PhantomParams(Section):
     grade_weights: tuple[float, float, float] = (0.47, 0.37, 0.16)
     spacing_mm_range: tuple[float, float] = (0.8, 1.5)
     noise_hu: float = Field(20.0, ge=0.0)
+    normal_deformity_share: float = Field(0.4, ge=0.0, le=1.0)
+    fov_mm: tuple[float, float] = (170.0, 130.0)
+    orientations: tuple[str, ...] = ("RAS", "LPS", "PIR", "IPL", "LAS")
 
 
 class SplitParams(Section):
@@ -118,7 +121,9 @@ class TrainParams(Section):
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     num_workers: int = Field(0, ge=0)
+    val_slice_ratios: tuple[float, ...] = (0.0, 0.4)
     losses: LossWeights = LossWeights()
 
 
@@ -184,7 +189,8 @@ class TrackingParams(Section):
     """MLflow tracking (the URI comes from ``MLFLOW_TRACKING_URI``, else a local SQLite store)."""
 
     enabled: bool = True
-    experiment: str = "healthivert"
+    experiment: str = Field("healthivert", min_length=1)
+    register_models: bool = True
 
 
 class Params(Section):

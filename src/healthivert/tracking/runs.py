@@ -1,4 +1,12 @@
-"""Stage runs in MLflow; a no-op tracker when tracking is switched off."""
+"""Stage runs in MLflow, nested under one parent run per pipeline execution.
+
+The tracking store is ``MLFLOW_TRACKING_URI`` when set, else a local SQLite file ``mlflow.db`` in the
+working directory (no server needed). A new experiment keeps its artifacts under
+``HEALTHIVERT_ARTIFACT_LOCATION`` when set (e.g. ``s3://bucket/mlflow``, with
+``MLFLOW_S3_ENDPOINT_URL`` for a non-AWS endpoint), else in ``./mlartifacts`` for a local store and
+wherever the server decides for an ``http(s)`` one. With ``tracking.enabled: false`` every tracker
+method is a no-op and nothing touches MLflow.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -14,63 +23,189 @@ from healthivert.config import Params
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+ARTIFACT_LOCATION_ENV = "HEALTHIVERT_ARTIFACT_LOCATION"
+LOCAL_ARTIFACT_FOLDER = "mlartifacts"
+GENERATOR_MODEL_NAME = "healthivert-generator"
+SVM_MODEL_NAME = "healthivert-svm"
+
+
+def tracking_uri() -> str:
+    """The tracking store this process logs to."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _pip_requirements() -> list[str]:
+    """What a logged torch model needs to load: torch and this package, at the running versions."""
+    torch_version = metadata.version("torch").split("+")[0]
+    return [f"torch=={torch_version}", f"healthivert=={metadata.version('healthivert')}"]
 
 
 class StageTracker:
-    """What a stage may log. Every method is a no-op when tracking is off."""
+    """What a stage may log. Every method is a no-op when tracking is off.
 
-    def __init__(self, active: bool) -> None:
-        self.active = active
+    Args:
+        run_id: the stage's MLflow run, None when tracking is off.
+        register_models: whether ``log_*model*`` also registers the model in the model registry.
+    """
+
+    def __init__(self, run_id: str | None = None, register_models: bool = False) -> None:
+        self.run_id = run_id
+        self.register_models = register_models
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is logged."""
+        return self.run_id is not None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log scalar metrics (optionally at a training step)."""
         if self.active:
             import mlflow
 
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log extra parameters (nested mappings are flattened to ``a.b.c``)."""
+        if self.active:
+            from mlflow.tracking import MlflowClient
+
+            from healthivert.tracking.pipeline import log_param_tree
+
+            log_param_tree(MlflowClient(), self.run_id, params)
+
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Copy one file into the run's artifacts."""
         if self.active:
             import mlflow
 
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
     def log_artifacts(self, folder: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Copy a folder's content into the run's artifacts."""
         if self.active:
             import mlflow
 
             mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
 
     def log_figure(self, figure: Any, name: str) -> None:
+        """Save a matplotlib figure as an artifact (``name`` ends in .png, .svg, ...)."""
         if self.active:
             import mlflow
 
             mlflow.log_figure(figure, name)
 
+    def log_text(self, text: str, name: str) -> None:
+        """Save a text (a report, a model card) as an artifact file ``name``."""
+        if self.active:
+            import mlflow
+
+            mlflow.log_text(text, name)
+
     def set_tags(self, tags: dict[str, str]) -> None:
+        """Set run tags."""
         if self.active:
             import mlflow
 
             mlflow.set_tags(tags)
 
+    def log_torch_model(self, model: Any, name: str = "generator",
+                        registered_name: str = GENERATOR_MODEL_NAME) -> None:
+        """Log a ``torch.nn.Module`` with ``mlflow.pytorch`` and register it as ``registered_name``.
+
+        Loading it back (``mlflow.pytorch.load_model``) needs this package installed: the module's
+        class is stored by reference.
+        """
+        if self.active:
+            import mlflow.pytorch
+
+            mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
+                                     pip_requirements=_pip_requirements(),
+                                     registered_model_name=registered_name if self.register_models else None)
+
+    def log_model_files(self, path: str | os.PathLike[str], name: str,
+                        registered_name: str = SVM_MODEL_NAME) -> None:
+        """Log a saved model (a file or a folder, e.g. ``models/svm``) and register it as is.
+
+        The registered version's source is the run's artifact folder ``name``, holding the files
+        exactly as the stage wrote them (not an MLflow-flavoured model: load them with the
+        project's own loader).
+        """
+        if not self.active:
+            return
+        import mlflow
+
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=name)
+        else:
+            mlflow.log_artifact(str(path), artifact_path=name)
+        if self.register_models:
+            from mlflow.exceptions import MlflowException
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient()
+            try:
+                client.get_registered_model(registered_name)
+            except MlflowException:
+                client.create_registered_model(registered_name)
+            version = client.create_model_version(registered_name, source=mlflow.get_artifact_uri(name),
+                                                  run_id=self.run_id)
+            log.info("registered %s version %s", registered_name, version.version)
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = os.environ.get(ARTIFACT_LOCATION_ENV)
+    if location is None and not client.tracking_uri.startswith(("http://", "https://")):
+        location = Path(LOCAL_ARTIFACT_FOLDER).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _section_tree(params: Params, sections: tuple[str, ...]) -> dict[str, Any]:
+    return {section: getattr(params, section).model_dump(mode="json") for section in sections}
+
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Params, sections: tuple[str, ...]) -> Iterator[StageTracker]:
-    """Open an MLflow run for one stage, logging the given params sections; yields a tracker.
+def stage_run(stage: str, params: Params, sections: tuple[str, ...],
+              root: str | os.PathLike[str] = ".") -> Iterator[StageTracker]:
+    """Open the MLflow run of one stage, nested under the pipeline's parent run; yield a tracker.
 
-    The run is marked failed if the stage raises.
+    The run is tagged with the stage, the git commit, the parameter digest and the DVC data hash of
+    the stage's inputs (:mod:`healthivert.tracking.lineage`), and logs the given params sections.
+    If the stage raises, its run (and a managed parent) is marked FAILED and the error propagates.
+
+    Args:
+        stage: the stage's command name (``train-coarse``).
+        params: all parameters; ``params.tracking`` decides whether and where to log.
+        sections: the params sections the stage reads (logged as ``section.key`` params).
+        root: the project root (``dvc.yaml``, ``dvc.lock``, ``.healthivert/``).
     """
     if not params.tracking.enabled:
-        yield StageTracker(active=False)
+        yield StageTracker()
         return
     import mlflow
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
-    mlflow.set_experiment(params.tracking.experiment)
-    flat: dict[str, Any] = {}
-    for section in sections:
-        for key, value in getattr(params, section).model_dump(mode="json").items():
-            flat[f"{section}.{key}"] = value
-    with mlflow.start_run(run_name=stage) as run:
-        log.info("MLflow run %s (%s)", run.info.run_id, stage)
-        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
-        yield StageTracker(active=True)
+    from healthivert.tracking.lineage import dvc_lineage, git_commit, params_digest
+    from healthivert.tracking.pipeline import close_parent, log_param_tree, resolve_parent
+
+    root = Path(root)
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    experiment_id = _experiment_id(client, params.tracking.experiment)
+    tags = {"git.commit": git_commit(root), "params.digest": params_digest(params)}
+    parent = resolve_parent(client, experiment_id, stage, params, tags, root)
+    tags.update(dvc_lineage(stage, root).tags())
+    tags.update({"healthivert.kind": "stage", "healthivert.stage": stage})
+    failed = True
+    try:
+        with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent.run_id,
+                              tags=tags) as run:
+            log.info("MLflow run %s (%s) in pipeline run %s", run.info.run_id, stage, parent.run_id)
+            log_param_tree(client, run.info.run_id, _section_tree(params, sections))
+            yield StageTracker(run.info.run_id, register_models=params.tracking.register_models)
+            failed = False
+    finally:
+        close_parent(client, parent, stage, failed)

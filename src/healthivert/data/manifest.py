@@ -1,0 +1,134 @@
+"""``manifest.parquet``: one row per cropped target vertebra, the contract between preprocess and later stages.
+
+Columns and dtypes are those of ``docs/architecture.md``; paths are stored relative to the manifest's
+folder (so the folder can be moved) and resolved with :func:`resolve`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from healthivert.errors import InputDataError
+from healthivert.io.atomic import atomic_path
+
+MANIFEST_NAME = "manifest.parquet"
+
+#: column -> pandas dtype, in file order.
+COLUMNS: dict[str, str] = {
+    "case": "string",
+    "vertebra": "int64",
+    "name": "string",
+    "split": "string",
+    "grade": "Int64",
+    "fracture_type": "string",
+    "ct_path": "string",
+    "label_path": "string",
+    "mask_path": "string",
+    "healthy_ct_path": "string",
+    "healthy_label_path": "string",
+    "spacing_mm": "float64",
+    "hu_lo": "float64",
+    "hu_hi": "float64",
+    "above": "Int64",
+    "below": "Int64",
+    "center_row": "int64",
+    "top_row": "int64",
+    "bottom_row": "int64",
+    "source_layout": "string",
+    "truth_h_ant_mm": "float64",
+    "truth_h_mid_mm": "float64",
+    "truth_h_post_mm": "float64",
+    "truth_healthy_h_ant_mm": "float64",
+    "truth_healthy_h_mid_mm": "float64",
+    "truth_healthy_h_post_mm": "float64",
+    "truth_loss_ant": "float64",
+    "truth_loss_mid": "float64",
+    "truth_loss_post": "float64",
+}
+
+#: columns holding paths relative to the manifest folder (NA when the file does not exist).
+PATH_COLUMNS = ("ct_path", "label_path", "mask_path", "healthy_ct_path", "healthy_label_path")
+
+SPLITS = ("train", "val", "test")
+
+
+def crop_name(case: str, vertebra: int) -> str:
+    """File stem of a vertebra's crops, e.g. ``("sub-verse004", 20) -> "sub-verse004_20"``."""
+    return f"{case}_{int(vertebra)}"
+
+
+def _coerce(frame: pd.DataFrame, source: str | os.PathLike[str]) -> pd.DataFrame:
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise InputDataError(source, f"manifest lacks column(s) {', '.join(missing)}",
+                             "was it written by 'healthivert preprocess'?")
+    frame = frame.loc[:, list(COLUMNS)].copy()
+    for column, dtype in COLUMNS.items():
+        try:
+            frame[column] = frame[column].astype(dtype)
+        except (TypeError, ValueError) as exc:
+            raise InputDataError(source, f"manifest column '{column}' is not {dtype}", str(exc).splitlines()[0]) from exc
+    bad_split = ~frame["split"].isin(SPLITS)
+    if bad_split.any():
+        raise InputDataError(source, f"unknown split '{frame.loc[bad_split, 'split'].iloc[0]}'", "expected train, val or test")
+    duplicated = frame.duplicated(["case", "vertebra"])
+    if duplicated.any():
+        row = frame[duplicated].iloc[0]
+        raise InputDataError(source, f"vertebra {row['vertebra']} of case {row['case']} listed twice")
+    return frame.reset_index(drop=True)
+
+
+def write_manifest(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Validate ``frame`` against the manifest schema and write it atomically as Parquet.
+
+    Args:
+        frame: one row per target vertebra with (at least) the columns of :data:`COLUMNS`.
+        path: ``manifest.parquet`` or the folder to write it in.
+
+    Returns:
+        the file written.
+    """
+    path = Path(path)
+    if path.suffix != ".parquet":
+        path = path / MANIFEST_NAME
+    frame = _coerce(frame, path)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return path
+
+
+def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read and validate a manifest (``manifest.parquet`` or the folder holding it).
+
+    Raises:
+        InputDataError: the file is missing or unreadable, or a column is missing or ill-typed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise InputDataError(path, "manifest not found", "run 'healthivert preprocess' first")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for foreign or truncated files
+        raise InputDataError(path, "not a readable Parquet file", type(exc).__name__) from exc
+    return _coerce(frame, path)
+
+
+def resolve(manifest_path: str | os.PathLike[str], relative: str | None | float) -> Path | None:
+    """Absolute path of a manifest path entry (``None`` for NA entries).
+
+    Args:
+        manifest_path: ``manifest.parquet`` or its folder.
+        relative: an entry of one of :data:`PATH_COLUMNS`.
+    """
+    if relative is None or relative is pd.NA or (isinstance(relative, float) and np.isnan(relative)):
+        return None
+    folder = Path(manifest_path)
+    if folder.suffix == ".parquet":
+        folder = folder.parent
+    return folder / str(relative)

@@ -1,0 +1,152 @@
+"""A whole spine in straightened space: straightened scan, body labels and which vertebrae are usable.
+
+Shared by ``preprocess`` (crops) and the ``heights`` tool. Inputs are canonical ``IPL`` arrays (axis 0
+superior -> inferior, axis 1 anterior -> posterior, axis 2 right -> left) of any voxel size; outputs
+are straightened ``(CC, AP, LR)`` arrays with ``spacing_mm`` voxels (see
+:mod:`healthivert.geometry.straighten`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+from scipy import ndimage
+
+from healthivert.geometry.depedicle import BodyCut, depedicle
+from healthivert.geometry.morphometry import NeighbourBaseline, ThirdHeights, body_heights, neighbour_baseline
+from healthivert.geometry.straighten import StraightenedSpine, StraightenMap, resample, resample_many, straighten
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedSpine:
+    """A straightened spine with its vertebral bodies isolated.
+
+    Attributes:
+        straight: straightened labels (whole vertebrae), CT and the sampling map.
+        bodies: ``(CC, AP, LR)`` body labels (whole labels when de-pedicling is off).
+        cuts: VerSe id -> where its body was cut from the arch.
+        order: the usable vertebrae, cranial first.
+        skipped: VerSe id -> why it is not usable (e.g. its body is cut by the scan's border).
+    """
+
+    straight: StraightenedSpine
+    bodies: np.ndarray
+    cuts: dict[int, BodyCut]
+    order: list[int]
+    skipped: dict[int, str]
+
+    @property
+    def map(self) -> StraightenMap:
+        """The sampling map (resample a healthy twin with it)."""
+        return self.straight.map
+
+
+def _incomplete(bodies: np.ndarray, vertebra: int, smap: StraightenMap, input_shape: tuple[int, int, int]) -> str | None:
+    """Why a body cannot be measured whole, or ``None`` when it lies fully in the scan and the grid."""
+    voxels = np.argwhere(bodies == vertebra)
+    if voxels.size == 0:
+        return "no body voxels after straightening"
+    grid = np.asarray(bodies.shape)
+    if np.any(voxels.min(axis=0) == 0) or np.any(voxels.max(axis=0) == grid - 1):
+        return "body reaches the edge of the straightened field"
+    source = smap.to_input(voxels)
+    if np.any(source.min(axis=0) < 0.5) or np.any(source.max(axis=0) > np.asarray(input_shape) - 1.5):
+        return "body is cut by the border of the scan"
+    return None
+
+
+def prepare_spine(labels: np.ndarray, input_spacing_mm: tuple[float, float, float],
+                  centroids: Mapping[int, np.ndarray], ct: np.ndarray | None = None, *,
+                  spacing_mm: float = 1.0, width: tuple[int, int] = (192, 96), margin_mm: float = 64.0,
+                  remove_arch: bool = True, min_body_mm3: float = 2000.0,
+                  fragment_share: float = 0.25) -> PreparedSpine:
+    """Straighten a spine, isolate its bodies and find the vertebrae whose body is whole.
+
+    Args:
+        labels: ``IPL`` VerSe label volume of whole vertebrae.
+        input_spacing_mm: its voxel size along ``(I, P, L)``.
+        centroids: VerSe id -> voxel coordinates ``(I, P, L)`` (at least two).
+        ct: optional ``IPL`` HU volume on the same grid.
+        spacing_mm: voxel size of the straightened grid.
+        width: AP columns and LR slices of the straightened grid.
+        margin_mm: curve continuation beyond the end centroids.
+        remove_arch: de-pedicle (else the whole labels are used as bodies).
+        min_body_mm3: smaller bodies are skipped as fragments.
+        fragment_share: labels smaller than this share of the median vertebra are fragments: left off the
+            spine curve and skipped.
+    """
+    voxel_mm3 = float(np.prod(input_spacing_mm))
+    volumes_in = np.bincount(labels.ravel(), minlength=max(int(v) for v in centroids) + 1) * voxel_mm3
+    present = [int(v) for v in centroids if int(v) < len(volumes_in) and volumes_in[int(v)] > 0]
+    typical = float(np.median(volumes_in[present])) if present else 0.0
+    # fragments (a process cut by the scan's edge) have centroids far off the spine: keep them off the curve
+    on_curve = {v: c for v, c in centroids.items() if int(v) in present and volumes_in[int(v)] >= fragment_share * typical}
+    if len(on_curve) < 2:
+        on_curve = dict(centroids)
+    straight = straighten(labels, input_spacing_mm, on_curve, ct, spacing_mm=spacing_mm, width=width,
+                          margin_mm=margin_mm)
+    positions = straight.map.to_straight(np.asarray([centroids[v] for v in centroids], dtype=np.float64))
+    straight = dataclasses.replace(straight, centroids=dict(zip((int(v) for v in centroids), positions)))
+    vertebrae = [int(v) for v in on_curve if (straight.labels == v).any()]
+    if remove_arch:
+        bodies, cut_list = depedicle(straight.labels, spacing_mm, vertebrae)
+        cuts = {cut.vertebra: cut for cut in cut_list}
+    else:
+        bodies = np.where(np.isin(straight.labels, vertebrae), straight.labels, 0).astype(straight.labels.dtype)
+        cuts = {}
+    skipped = {int(v): "not in the label map" for v in centroids if int(v) not in present}
+    skipped |= {int(v): f"fragment ({volumes_in[int(v)]:.0f} mm3, typical vertebra {typical:.0f} mm3)"
+                for v in centroids if int(v) in present and int(v) not in on_curve}
+    volumes = np.bincount(bodies.ravel(), minlength=max(vertebrae, default=0) + 1) * spacing_mm**3
+    order = []
+    for vid in sorted(vertebrae, key=lambda v: float(straight.centroids[v][0])):
+        reason = _incomplete(bodies, vid, straight.map, labels.shape)
+        if reason is None and volumes[vid] < min_body_mm3:
+            reason = f"body of {volumes[vid]:.0f} mm3 is a fragment (< {min_body_mm3:.0f} mm3)"
+        if reason is None:
+            order.append(vid)
+        else:
+            skipped[vid] = reason
+    return PreparedSpine(straight, bodies, cuts, order, skipped)
+
+
+def spine_heights(spine: PreparedSpine, central_fraction: float = 0.2,
+                  column_threshold: float = 0.7) -> dict[int, NeighbourBaseline]:
+    """Body heights of every usable vertebra and the baseline expected from its neighbours, cranial first.
+
+    Vertebrae are neighbours when they follow each other in ``spine.order`` (a skipped vertebra
+    between two others breaks nothing: its neighbours are then compared with each other).
+    """
+    spacing = spine.map.spacing_mm
+    boxes = ndimage.find_objects(spine.bodies)
+    heights: dict[int, ThirdHeights] = {}
+    for vid in spine.order:
+        box = boxes[vid - 1]
+        heights[vid] = body_heights(spine.bodies[box] == vid, spacing, central_fraction, column_threshold)
+    return neighbour_baseline(heights)
+
+
+def resample_twin(spine: PreparedSpine, labels: np.ndarray, ct: np.ndarray | None = None,
+                  remove_arch: bool = True, air_hu: float = -1024.0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Straighten a second version of the same scan (a phantom's healthy twin) with the same curve.
+
+    Args:
+        spine: the prepared (fractured) spine whose sampling map is reused.
+        labels: ``IPL`` labels of the twin, on the input grid of ``spine``.
+        ct: ``IPL`` HU of the twin, optional.
+        remove_arch: de-pedicle the twin's labels too.
+        air_hu: CT value outside the scan.
+
+    Returns:
+        straightened body labels and CT (``None`` without ``ct``).
+    """
+    smap = spine.map
+    if ct is None:
+        straight_labels, straight_ct = resample(labels, smap, label=True), None
+    else:
+        straight_labels, straight_ct = resample_many(smap, [(labels, True, 0.0), (ct, False, air_hu)])
+    if remove_arch:
+        straight_labels, _ = depedicle(straight_labels, smap.spacing_mm)
+    return straight_labels, straight_ct

@@ -1,0 +1,265 @@
+"""The HealthiVert-GAN generator: coarse and fine inpainting networks (DeepFill v1 style) with SHRM heads.
+
+Images are ``(B, C, H, W)`` slices, rows cranio-caudal (row 0 cranial), columns antero-posterior
+(sagittal) or left-right (coronal); ``H`` and ``W`` must be multiples of 8 (16 with contextual
+attention). The CT is in [-1, 1]; the mask is 1 on the fixed-height band to fill; the attention map is
+``1 - Grad-CAM++`` of the fracture classifier (HGAM), closed up like the CT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from healthivert.config import ModelParams
+from healthivert.data.samples import assemble
+from healthivert.models.contextual_attention import ContextualAttention
+
+Stage = Literal["coarse", "fine"]
+
+
+def conv_block(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1, dilation: int = 1,
+               activation: nn.Module | None = None) -> nn.Sequential:
+    """Convolution with 'same'-style padding followed by ELU (DeepFill style, no normalisation)."""
+    padding = dilation * (kernel - 1) // 2
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, stride, padding, dilation),
+                         activation if activation is not None else nn.ELU())
+
+
+def _dilated_stack(channels: int) -> nn.Sequential:
+    """Four dilated 3x3 convolutions (rates 2, 4, 8, 16): a receptive field covering the whole slice."""
+    return nn.Sequential(*(conv_block(channels, channels, dilation=rate) for rate in (2, 4, 8, 16)))
+
+
+class _Decoder(nn.Module):
+    """Two nearest x2 upsamplings, each followed by convs that also see the resized attention map."""
+
+    def __init__(self, cnum: int, attention_channels: int) -> None:
+        super().__init__()
+        self.up1 = nn.Sequential(conv_block(4 * cnum + attention_channels, 2 * cnum), conv_block(2 * cnum, 2 * cnum))
+        self.up2 = nn.Sequential(conv_block(2 * cnum + attention_channels, cnum),
+                                 conv_block(cnum, max(cnum // 2, 1)))
+        self.attention_channels = attention_channels
+
+    def _join(self, x: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.attention_channels:
+            x = torch.cat([x, F.interpolate(attention, size=x.shape[-2:], mode="bilinear", align_corners=False)], 1)
+        return x
+
+    def forward(self, x: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
+        """``(B, 4c, H/4, W/4)`` features -> ``(B, c/2, H, W)``."""
+        x = self.up1(self._join(x, attention))
+        return self.up2(self._join(x, attention))
+
+
+class HeightHead(nn.Module):
+    """SHRM head: global average pooling -> linear -> sigmoid x ``max_height`` (healthy height in rows)."""
+
+    def __init__(self, channels: int, max_height: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(channels, 1)
+        self.max_height = float(max_height)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` -> ``(B,)`` predicted height in rows, in ``(0, max_height)``."""
+        pooled = features.mean(dim=(2, 3))
+        return torch.sigmoid(self.linear(pooled)).squeeze(1) * self.max_height
+
+
+class CoarseGenerator(nn.Module):
+    """Coarse stage: 3 inputs (CT, slice-ratio plane, mask) -> CT and healthy-vertebra segmentation.
+
+    Args:
+        cnum: base width (16 in the paper's network).
+        use_attention: concatenate the HGAM attention map at both upsamplings.
+    """
+
+    def __init__(self, cnum: int, use_attention: bool = True) -> None:
+        super().__init__()
+        c = cnum
+        self.encoder = nn.Sequential(
+            conv_block(3, c, kernel=5), conv_block(c, 2 * c, stride=2), conv_block(2 * c, 2 * c),
+            conv_block(2 * c, 4 * c, stride=2), conv_block(4 * c, 4 * c), conv_block(4 * c, 4 * c))
+        self.dilated = _dilated_stack(4 * c)
+        self.middle = nn.Sequential(conv_block(4 * c, 4 * c), conv_block(4 * c, 4 * c))
+        self.decoder = _Decoder(c, 1 if use_attention else 0)
+        self.ct_head = nn.Conv2d(max(c // 2, 1), 1, 3, padding=1)
+        self.seg_head = nn.Conv2d(max(c // 2, 1), 1, 3, padding=1)
+        self.feature_channels = 4 * c
+
+    def forward(self, x: torch.Tensor, attention: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(B, 3, H, W)`` input -> CT in [-1, 1], segmentation in (0, 1), deepest features."""
+        deep = self.dilated(self.encoder(x))
+        y = self.decoder(self.middle(deep), attention)
+        return self.ct_head(y).clamp(-1.0, 1.0), torch.sigmoid(self.seg_head(y)), deep
+
+
+class FineGenerator(nn.Module):
+    """Fine stage: a dilated 'hallucination' branch and a contextual-attention branch at 1/4 resolution.
+
+    Inputs (4 channels): the coarse CT pasted into the masked slice, the coarse segmentation, the mask
+    and the slice-ratio plane. The CT head also sees the coarse segmentation and the segmentation head
+    the fine CT (one extra channel each).
+
+    Args:
+        cnum: base width.
+        use_attention: concatenate the HGAM attention map at both upsamplings.
+        contextual_attention: build the contextual-attention branch (off: dilated branch only).
+    """
+
+    def __init__(self, cnum: int, use_attention: bool = True, contextual_attention: bool = True) -> None:
+        super().__init__()
+        c = cnum
+        self.hallucination = nn.Sequential(
+            conv_block(4, c, kernel=5), conv_block(c, c, stride=2), conv_block(c, 2 * c),
+            conv_block(2 * c, 2 * c, stride=2), conv_block(2 * c, 4 * c), conv_block(4 * c, 4 * c),
+            _dilated_stack(4 * c))
+        self.contextual = contextual_attention
+        if contextual_attention:
+            self.attention_encoder = nn.Sequential(
+                conv_block(4, c, kernel=5), conv_block(c, c, stride=2), conv_block(c, 2 * c),
+                conv_block(2 * c, 4 * c, stride=2), conv_block(4 * c, 4 * c),
+                conv_block(4 * c, 4 * c, activation=nn.ReLU()))
+            self.contextual_attention = ContextualAttention(patch_size=3, rate=2, fuse_k=3, softmax_scale=10.0)
+            self.attention_decoder = nn.Sequential(conv_block(4 * c, 4 * c), conv_block(4 * c, 4 * c))
+        merged = 8 * c if contextual_attention else 4 * c
+        self.merge = nn.Sequential(conv_block(merged, 4 * c), conv_block(4 * c, 4 * c))
+        self.decoder = _Decoder(c, 1 if use_attention else 0)
+        self.ct_head = nn.Conv2d(max(c // 2, 1) + 1, 1, 3, padding=1)
+        self.seg_head = nn.Conv2d(max(c // 2, 1) + 1, 1, 3, padding=1)
+        self.feature_channels = merged
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, attention: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(B, 4, H, W)`` input -> CT in [-1, 1], segmentation in (0, 1), merged deep features."""
+        features = [self.hallucination(x)]
+        if self.contextual:
+            encoded = self.attention_encoder(x)
+            filled = self.contextual_attention(encoded, encoded, mask)
+            features.append(self.attention_decoder(filled))
+        deep = torch.cat(features, 1)
+        y = self.decoder(self.merge(deep), attention)
+        ct = self.ct_head(torch.cat([y, x[:, 1:2]], 1)).clamp(-1.0, 1.0)
+        seg = torch.sigmoid(self.seg_head(torch.cat([y, ct], 1)))
+        return ct, seg, deep
+
+
+@dataclasses.dataclass
+class GeneratorOutput:
+    """What :class:`HealthiVertGenerator` returns; images ``(B, 1, H, W)``, heights ``(B,)`` in rows.
+
+    Attributes:
+        coarse_ct, coarse_seg: raw coarse outputs in the closed-up frame.
+        fine_ct, fine_seg: raw fine outputs (``None`` in stage ``"coarse"``).
+        coarse_height, fine_height: SHRM predictions (``None`` when the module is off or not run).
+        coarse_ct_assembled, coarse_seg_assembled: the coarse outputs re-assembled.
+        ct, seg: the final re-assembled outputs (the fine ones in stage ``"fine"``).
+        height: the final predicted height; with SHRM off, the height assembled at (the given one, or
+            the band height when the band is kept as is).
+    """
+
+    coarse_ct: torch.Tensor
+    coarse_seg: torch.Tensor
+    fine_ct: torch.Tensor | None
+    fine_seg: torch.Tensor | None
+    coarse_height: torch.Tensor | None
+    fine_height: torch.Tensor | None
+    coarse_ct_assembled: torch.Tensor
+    coarse_seg_assembled: torch.Tensor
+    ct: torch.Tensor
+    seg: torch.Tensor
+    height: torch.Tensor
+
+
+def band_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, H, W)`` band mask -> ``(B, 2)`` long ``(b0, b1)``: first and one-past-last masked row."""
+    rows = mask.detach().amax(dim=(1, 3)) > 0.5
+    n_rows = rows.shape[1]
+    first = rows.to(torch.uint8).argmax(dim=1)
+    last = n_rows - rows.flip(1).to(torch.uint8).argmax(dim=1)
+    return torch.stack([first, last], 1).long()
+
+
+class HealthiVertGenerator(nn.Module):
+    """Coarse + fine generator with their SHRM heads, switched by :class:`ModelParams`.
+
+    Args:
+        model_params: sizes (``network.cnum``) and module switches (``attention_module``: HGAM input,
+            ``height_module``: SHRM, ``contextual_attention``: fine attention branch).
+    """
+
+    def __init__(self, model_params: ModelParams) -> None:
+        super().__init__()
+        self.params = model_params
+        cnum = model_params.network.cnum
+        self.coarse = CoarseGenerator(cnum, model_params.attention_module)
+        self.fine = FineGenerator(cnum, model_params.attention_module, model_params.contextual_attention)
+        if model_params.height_module:
+            self.coarse_height_head = HeightHead(self.coarse.feature_channels, model_params.max_height_px)
+            self.fine_height_head = HeightHead(self.fine.feature_channels, model_params.max_height_px)
+
+    def _finish(self, raw_ct: torch.Tensor, raw_seg: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
+                band: torch.Tensor, height: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Assemble at ``height``, or paste the whole band into the context when ``height`` is None."""
+        if height is None:
+            return raw_ct * mask + context * (1 - mask), raw_seg
+        return assemble(raw_ct, context, band, height), assemble(raw_seg, raw_seg, band, height)
+
+    def forward(self, ct: torch.Tensor, mask: torch.Tensor, slice_ratio: torch.Tensor,
+                attention: torch.Tensor | None = None, stage: Stage = "fine",
+                assemble_height: torch.Tensor | None = None) -> GeneratorOutput:
+        """Inpaint the band of closed-up slices and re-assemble them at the healthy height.
+
+        Args:
+            ct: ``(B, 1, H, W)`` closed-up CT in [-1, 1] (band values are ignored).
+            mask: ``(B, 1, H, W)``, 1 on the fixed-height band.
+            slice_ratio: ``(B,)`` distance of each slice from its vertebra's centre (fraction of half-width).
+            attention: ``(B, 1, H, W)`` ``1 - CAM`` closed up; ones are used when ``None``.
+            stage: ``"coarse"`` runs the coarse network only.
+            assemble_height: ``(B,)`` heights to assemble at instead of the predicted ones (e.g. the
+                real height while training the pixel losses); also used when SHRM is off.
+
+        Returns:
+            A :class:`GeneratorOutput`.
+        """
+        if stage not in ("coarse", "fine"):
+            raise ValueError(f"stage must be 'coarse' or 'fine', not {stage!r}")
+        batch = ct.shape[0]
+        context = ct * (1 - mask)
+        ratio = slice_ratio.to(ct).reshape(batch, 1, 1, 1).expand_as(ct)
+        if not self.params.attention_module:
+            attention = None
+        elif attention is None:
+            attention = torch.ones_like(ct)
+        band = band_from_mask(mask)
+        use_shrm = self.params.height_module
+
+        coarse_ct, coarse_seg, coarse_deep = self.coarse(torch.cat([context, ratio, mask], 1), attention)
+        coarse_height = self.coarse_height_head(coarse_deep) if use_shrm else None
+        fine_ct = fine_seg = fine_height = None
+        height_now = coarse_height
+        if stage == "fine":
+            pasted = coarse_ct * mask + context
+            fine_ct, fine_seg, fine_deep = self.fine(torch.cat([pasted, coarse_seg, mask, ratio], 1), mask, attention)
+            fine_height = self.fine_height_head(fine_deep) if use_shrm else None
+            height_now = fine_height
+
+        kept_coarse = assemble_height if assemble_height is not None else coarse_height
+        kept_final = assemble_height if assemble_height is not None else height_now
+        coarse_ct_out, coarse_seg_out = self._finish(coarse_ct, coarse_seg, context, mask, band, kept_coarse)
+        if stage == "fine":
+            final_ct, final_seg = self._finish(fine_ct, fine_seg, context, mask, band, kept_final)
+        else:
+            final_ct, final_seg = coarse_ct_out, coarse_seg_out
+        if height_now is None:
+            height_now = kept_final if kept_final is not None else (band[:, 1] - band[:, 0]).to(ct.dtype)
+        return GeneratorOutput(coarse_ct=coarse_ct, coarse_seg=coarse_seg, fine_ct=fine_ct, fine_seg=fine_seg,
+                               coarse_height=coarse_height, fine_height=fine_height,
+                               coarse_ct_assembled=coarse_ct_out, coarse_seg_assembled=coarse_seg_out,
+                               ct=final_ct, seg=final_seg, height=height_now)

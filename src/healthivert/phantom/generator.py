@@ -1,0 +1,180 @@
+"""Synthetic spine CT cases with known ground truth, and a writer for the VerSe-like dataset layout.
+
+A case holds a fractured spine CT, its vertebra labels, the same spine without fractures (the healthy
+twin, identical elsewhere, noise included) and a table of true body heights per vertebra. Volumes are
+kept in ``IPL`` axis order (superior -> inferior, anterior -> posterior, right -> left) at the case's own
+(possibly anisotropic) voxel size, and written in the case's storage orientation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from healthivert.config import PhantomParams
+from healthivert.errors import ConfigError
+from healthivert.io.atomic import atomic_dir, atomic_path
+from healthivert.io.case import TRUTH_COLUMNS
+from healthivert.io.centroids import centroids_from_labels, write_centroids
+from healthivert.io.nifti import Volume, save_volume
+from healthivert.io.resample import reorient
+from healthivert.phantom.anatomy import VertebraSpec, genant_grade, third_heights
+from healthivert.phantom.render import render_spine
+from healthivert.phantom.spine import SpineLayout, sample_spine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PhantomCase:
+    """One synthetic case, volumes in ``IPL`` axis order.
+
+    Attributes:
+        case_id: e.g. ``"sub-phantom000"``.
+        ct: HU (float32) with fractures.
+        labels: VerSe ids (uint8) with fractures.
+        healthy_ct: HU of the fracture-free twin.
+        healthy_labels: its labels.
+        truth: one row per vertebra, columns :data:`healthivert.io.case.TRUTH_COLUMNS`.
+        layout: the analytic spine the volumes were drawn from.
+        storage_orientation: axis codes the files are written in, e.g. ``"LPS"``.
+    """
+
+    case_id: str
+    ct: Volume
+    labels: Volume
+    healthy_ct: Volume
+    healthy_labels: Volume
+    truth: pd.DataFrame
+    layout: SpineLayout
+    storage_orientation: str
+
+    def __repr__(self) -> str:
+        grades = self.truth["grade"].value_counts().sort_index().to_dict()
+        return (f"PhantomCase({self.case_id}, shape={self.ct.shape}, spacing_mm={tuple(round(s, 2) for s in self.ct.spacing_mm)}, "
+                f"stored={self.storage_orientation}, grades={grades})")
+
+
+def ipl_affine(spacing_mm: tuple[float, float, float], origin_mm: np.ndarray) -> np.ndarray:
+    """Voxel-to-world (RAS+) affine of an ``IPL`` grid with the given voxel size and first-voxel position."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[0.0, 0.0, -spacing_mm[2]], [0.0, -spacing_mm[1], 0.0], [-spacing_mm[0], 0.0, 0.0]])
+    affine[:3, 3] = origin_mm
+    return affine
+
+
+def truth_table(vertebrae: list[VertebraSpec]) -> pd.DataFrame:
+    """Ground-truth heights of each vertebra by the shared height definition (analytic, not from voxels)."""
+    rows = []
+    for spec in vertebrae:
+        healthy = third_heights(spec, fractured=False)
+        actual = third_heights(spec, fractured=True)
+        loss = 1.0 - actual / healthy
+        rows.append({
+            "vertebra": spec.vertebra, "name": spec.name, "grade": genant_grade(float(loss.max())),
+            "fracture_type": spec.fracture.kind,
+            "healthy_h_ant_mm": healthy[0], "healthy_h_mid_mm": healthy[1], "healthy_h_post_mm": healthy[2],
+            "h_ant_mm": actual[0], "h_mid_mm": actual[1], "h_post_mm": actual[2],
+            "loss_ant": loss[0], "loss_mid": loss[1], "loss_post": loss[2],
+        })
+    return pd.DataFrame(rows, columns=list(TRUTH_COLUMNS))
+
+
+def generate_case(rng: np.random.Generator, params: PhantomParams, case_id: str = "sub-phantom000") -> PhantomCase:
+    """Draw and voxelise one synthetic spine case.
+
+    Args:
+        rng: the case's random generator (everything about the case comes from it).
+        params: phantom settings (vertebra count, fracture share and grades, voxel sizes, noise, orientations).
+        case_id: the case's id.
+    """
+    layout = sample_spine(rng, params)
+    low, high = params.spacing_mm_range
+    in_plane = float(rng.uniform(low, high))
+    spacing = (float(rng.uniform(low, high)), in_plane, in_plane)
+    rendered = render_spine(layout, spacing, rng)
+    noise = rng.standard_normal(rendered.ct.shape, dtype=np.float32) * np.float32(params.noise_hu)
+    affine = ipl_affine(spacing, origin_mm=np.array([layout.fov_mm[2] / 2, layout.fov_mm[1] / 2, 0.0]))
+    orientation = str(rng.choice(list(params.orientations)))
+    return PhantomCase(
+        case_id=case_id,
+        ct=Volume(rendered.ct + noise, affine),
+        labels=Volume(rendered.labels, affine),
+        healthy_ct=Volume(rendered.healthy_ct + noise, affine),
+        healthy_labels=Volume(rendered.healthy_labels, affine),
+        truth=truth_table(layout.vertebrae),
+        layout=layout,
+        storage_orientation=orientation,
+    )
+
+
+def _stored(volume: Volume, orientation: str, dtype: type) -> Volume:
+    stored = reorient(volume, orientation)
+    array = np.rint(stored.array) if np.dtype(dtype).kind == "i" else stored.array
+    return Volume(array.astype(dtype), stored.affine)
+
+
+def write_case(case: PhantomCase, root: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write a case in the VerSe layout under ``root`` (see docs/architecture.md), in its storage orientation.
+
+    Returns:
+        The written files by role (``ct``, ``mask``, ``centroids``, ``healthy_ct``, ``healthy_mask``, ``heights``).
+    """
+    root = Path(root)
+    cid = case.case_id
+    raw, derivatives, truth = root / "rawdata" / cid, root / "derivatives" / cid, root / "truth" / cid
+    orientation = case.storage_orientation
+    mask = _stored(case.labels, orientation, np.uint8)
+    paths = {
+        "ct": save_volume(raw / f"{cid}_ct.nii.gz", _stored(case.ct, orientation, np.int16)),
+        "mask": save_volume(derivatives / f"{cid}_seg-vert_msk.nii.gz", mask),
+        "centroids": write_centroids(derivatives / f"{cid}_seg-subreg_ctd.json", centroids_from_labels(mask.array), mask),
+        "healthy_ct": save_volume(truth / f"{cid}_healthy-ct.nii.gz", _stored(case.healthy_ct, orientation, np.int16)),
+        "healthy_mask": save_volume(truth / f"{cid}_healthy-msk.nii.gz", _stored(case.healthy_labels, orientation, np.uint8)),
+    }
+    with atomic_path(truth / f"{cid}_heights.csv") as tmp:
+        case.truth.to_csv(tmp, index=False, float_format="%.4f")
+    paths["heights"] = truth / f"{cid}_heights.csv"
+    return paths
+
+
+def case_rng(seed: int, index: int) -> np.random.Generator:
+    """The random generator of case ``index`` of a dataset (independent of how many cases are made)."""
+    return np.random.default_rng([seed, index])
+
+
+def write_dataset(out: str | os.PathLike[str], params: PhantomParams) -> dict[str, float]:
+    """Generate ``params.cases`` cases and write them, with ``grades.csv``, as one atomic folder.
+
+    Returns:
+        Summary metrics: cases, vertebrae, fractures per grade, mean generation seconds per case.
+    """
+    if params.vertebrae_per_case[0] > params.vertebrae_per_case[1]:
+        raise ConfigError("phantom.vertebrae_per_case", "minimum exceeds maximum")
+    out = Path(out)
+    grades = []
+    seconds = []
+    with atomic_dir(out) as tmp:
+        for index in tqdm(range(params.cases), desc="phantom", unit="case", disable=None):
+            start = time.perf_counter()
+            case = generate_case(case_rng(params.seed, index), params, case_id=f"sub-phantom{index:03d}")
+            seconds.append(time.perf_counter() - start)
+            write_case(case, tmp)
+            logger.debug("%r", case)
+            grades.append(case.truth[["vertebra", "grade"]].assign(case=case.case_id))
+        table = pd.concat(grades, ignore_index=True)[["case", "vertebra", "grade"]]
+        table.to_csv(tmp / "grades.csv", index=False)
+    counts = table["grade"].value_counts()
+    metrics = {"cases": float(params.cases), "vertebrae": float(len(table)),
+               "seconds_per_case": float(np.mean(seconds))}
+    metrics |= {f"grade_{g}": float(counts.get(g, 0)) for g in range(4)}
+    logger.info("%s: %d cases, %d vertebrae, grades %s", out, params.cases, len(table),
+                {g: int(counts.get(g, 0)) for g in range(4)})
+    return metrics

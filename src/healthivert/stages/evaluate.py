@@ -1,0 +1,311 @@
+"""Stage 7, ``healthivert evaluate``: generation and grading quality, plots and the clinician's report.
+
+Writes into ``--out``: ``metrics.json`` (flat keys, for ``dvc metrics``), ``plots/`` (CSV data for
+``dvc plots``: per-vertebra true/predicted grades, RHLV against the truth), ``figures/`` (PNG) and
+``report.html`` (self-contained). Grading is reported on the split the SVM did not see: ``test``
+under the ``holdout`` protocol, ``val`` under ``reference_cv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from healthivert.config import Params
+from healthivert.data.manifest import crop_name, read_manifest, resolve
+from healthivert.errors import InputDataError
+from healthivert.evaluation.figures import confusion_figure, figure_png, rhlv_truth_figure, vertebra_panel
+from healthivert.evaluation.generation import GenerationScores, generation_scores
+from healthivert.evaluation.grading import bootstrap_scores
+from healthivert.evaluation.report import ReportContent, VertebraEntry, grade_recall_text, render_report
+from healthivert.grading import grade_confusion, grade_metrics, load_model
+from healthivert.io.atomic import atomic_dir, atomic_path, write_text_atomic
+from healthivert.io.nifti import check_same_grid, load_volume
+from healthivert.rhlv import height_loss_map
+from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
+from healthivert.synthesis.index import read_index
+from healthivert.tracking.runs import stage_run
+
+log = logging.getLogger(__name__)
+
+METHODS = {"gan": ("predicted", "HealthiVert-GAN (RHLV)"), "baseline": ("predicted_baseline", "mask-only neighbour baseline")}
+THIRDS = ("ant", "mid", "post")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``healthivert evaluate``."""
+    parser.add_argument("--data", type=Path, required=True, metavar="DIR", help="preprocessed folder (manifest.parquet)")
+    parser.add_argument("--synth", type=Path, required=True, metavar="DIR", help="synthesis output folder")
+    parser.add_argument("--rhlv", type=Path, required=True, metavar="DIR", help="rhlv stage output folder")
+    parser.add_argument("--svm", type=Path, required=True, metavar="DIR", help="svm-fit stage output folder")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder")
+    add_params_arguments(parser)
+    add_metrics_argument(parser)
+
+
+def execute(args: argparse.Namespace) -> None:
+    """Run the stage from parsed arguments."""
+    params = params_from_args(args)
+    with stage_run("evaluate", params, ("evaluate",)) as tracker:
+        metrics = run(params, args.data, args.synth, args.rhlv, args.svm, args.out)
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(args.out / "report.html")
+        tracker.log_artifacts(args.out / "figures", "figures")
+    write_metrics(args.metrics, metrics)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def _read_table(path: Path, what: str, hint: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputDataError(path, f"{what} not found", hint)
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for foreign or truncated files
+        raise InputDataError(path, "not a readable Parquet file", type(exc).__name__) from exc
+
+
+def _check_ids(table: pd.DataFrame, known: set[tuple[str, int]], path: Path) -> None:
+    ids = list(zip(table["case"], table["vertebra"].astype(int)))
+    unknown = [key for key in ids if key not in known]
+    if unknown:
+        raise InputDataError(path, f"vertebra {crop_name(*unknown[0])} is not in the manifest",
+                             f"{len(unknown)} unknown; were the stages run on different data?")
+    missing = known - set(ids)
+    if missing:
+        raise InputDataError(path, f"vertebra {crop_name(*sorted(missing)[0])} of the manifest is missing",
+                             f"{len(missing)} missing; rerun the stage on this data")
+
+
+def load_inputs(data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """The manifest joined with RHLV and predictions, the synthesis index, and the protocol of the SVM.
+
+    Raises:
+        InputDataError: a table is missing or unreadable, or lists vertebrae the manifest does not.
+    """
+    manifest = read_manifest(data)
+    known = set(zip(manifest["case"], manifest["vertebra"].astype(int)))
+    index = read_index(synth)
+    _check_ids(index, known, synth / "index.parquet")
+    rhlv = _read_table(rhlv_dir / "rhlv.parquet", "RHLV table", "run 'healthivert rhlv' first")
+    _check_ids(rhlv, known, rhlv_dir / "rhlv.parquet")
+    predictions = _read_table(svm_dir / "predictions.parquet", "predictions", "run 'healthivert svm-fit' first")
+    _check_ids(predictions, known, svm_dir / "predictions.parquet")
+    protocol = str(load_model(svm_dir / "svm.json").info.get("protocol", "holdout"))
+    rhlv_columns = [c for c in rhlv.columns if c.startswith(("rhlv_", "baseline_loss_", "h_syn_", "h_ori_")) or c == "shape_ratio"]
+    table = manifest.merge(rhlv[["case", "vertebra", *rhlv_columns]], on=["case", "vertebra"])
+    prediction_columns = [c for c in ("predicted", "predicted_baseline") if c in predictions.columns]
+    table = table.merge(predictions[["case", "vertebra", *prediction_columns]], on=["case", "vertebra"])
+    table = table.merge(index[["case", "vertebra", "ct_path", "label_path"]].rename(
+        columns={"ct_path": "syn_ct_path", "label_path": "syn_label_path"}), on=["case", "vertebra"])
+    return table, index, protocol
+
+
+# ------------------------------------------------------------------------------------------ grading
+def grading_metrics(table: pd.DataFrame, resamples: int, seed: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Flat grading metrics with bootstrap intervals, and confusion matrices, per method.
+
+    Args:
+        table: the evaluated vertebrae with ``case, grade, predicted[, predicted_baseline]``.
+    """
+    metrics: dict[str, float] = {}
+    confusions: dict[str, np.ndarray] = {}
+    for method, (column, label) in METHODS.items():
+        if column not in table.columns:
+            continue
+        rows = table[table["grade"].notna() & table[column].notna()]
+        if rows.empty:
+            continue
+        y_true, y_pred = rows["grade"].to_numpy(dtype=np.int64), rows[column].to_numpy(dtype=np.int64)
+        for key, value in grade_metrics(y_true, y_pred).items():
+            metrics[f"grading_{method}_{key}"] = value
+        for key, score in bootstrap_scores(rows["case"].tolist(), y_true, y_pred, resamples, seed).items():
+            metrics[f"grading_{method}_{key}_ci_low"] = score.low
+            metrics[f"grading_{method}_{key}_ci_high"] = score.high
+        confusions[label] = grade_confusion(y_true, y_pred)
+    return metrics, confusions
+
+
+def comparison_sentence(metrics: dict[str, float], split: str) -> str:
+    """How the GAN and the mask-only baseline compare, in words, with the bootstrap intervals."""
+    def describe(method: str) -> str:
+        return (f"{metrics[f'grading_{method}_macro_f1']:.2f} (95 % CI {metrics[f'grading_{method}_macro_f1_ci_low']:.2f}"
+                f"-{metrics[f'grading_{method}_macro_f1_ci_high']:.2f})")
+
+    if "grading_gan_macro_f1" not in metrics:
+        return f"No graded vertebrae in the {split} split: grading quality cannot be measured."
+    text = f"On the {int(metrics['grading_gan_n'])} graded {split} vertebrae, grading from the GAN's RHLV reached macro-F1 {describe('gan')}"
+    if "grading_baseline_macro_f1" not in metrics:
+        return text + "; the mask-only baseline was not available."
+    gan_low, base_high = metrics["grading_gan_macro_f1_ci_low"], metrics["grading_baseline_macro_f1_ci_high"]
+    base_low, gan_high = metrics["grading_baseline_macro_f1_ci_low"], metrics["grading_gan_macro_f1_ci_high"]
+    if gan_low > base_high:
+        verdict = "the GAN is clearly better (the intervals do not overlap)"
+    elif base_low > gan_high:
+        verdict = "the baseline is clearly better (the intervals do not overlap)"
+    else:
+        better = "GAN" if metrics["grading_gan_macro_f1"] >= metrics["grading_baseline_macro_f1"] else "baseline"
+        verdict = f"the {better} scores higher, but the intervals overlap, so the difference is not conclusive"
+    return f"{text}, against {describe('baseline')} for the mask-only neighbour baseline: {verdict}."
+
+
+# --------------------------------------------------------------------------------------- generation
+def _generation_row(row: pd.Series, data: Path) -> tuple[GenerationScores, str]:
+    """Scores of one synthesised vertebra against the healthy truth (phantoms) or its own (real) crop."""
+    has_truth = not pd.isna(row["healthy_label_path"]) and not pd.isna(row["healthy_ct_path"])
+    ct_column, label_column = ("healthy_ct_path", "healthy_label_path") if has_truth else ("ct_path", "label_path")
+    ref_ct = load_volume(resolve(data, row[ct_column]))
+    ref_label = load_volume(resolve(data, row[label_column]), label=True)
+    syn_ct = load_volume(row["syn_ct_path"])
+    syn_label = load_volume(row["syn_label_path"], label=True)
+    band = load_volume(resolve(data, row["mask_path"]), label=True)
+    for volume in (ref_label, syn_ct, syn_label, band):
+        check_same_grid(ref_ct, volume)
+    vertebra = int(row["vertebra"])
+    scores = generation_scores(syn_ct.array, ref_ct.array, syn_label.array == vertebra, ref_label.array == vertebra,
+                               band.array, ref_ct.spacing_mm)
+    return scores, "healthy truth" if has_truth else "original"
+
+
+def generation_metrics(table: pd.DataFrame, data: Path) -> dict[str, float]:
+    """Mean PSNR, SSIM, Dice and absolute height error over the healthy vertebrae (grade 0) of ``table``.
+
+    Where the phantom truth exists, the fractured vertebrae are also scored against their healthy
+    truth (``generation_fractured_*``): how well the fracture was undone.
+    """
+    groups: dict[str, list[GenerationScores]] = {"healthy": [], "fractured": []}
+    references = set()
+    for _, row in tqdm(table.iterrows(), total=len(table), desc="generation", unit="vertebra", disable=None):
+        if pd.isna(row["grade"]):
+            continue
+        group = "healthy" if row["grade"] == 0 else "fractured"
+        if group == "fractured" and pd.isna(row["healthy_label_path"]):
+            continue
+        scores, reference = _generation_row(row, data)
+        groups[group].append(scores)
+        references.add(reference)
+    metrics: dict[str, float] = {}
+    for group, scores in groups.items():
+        if not scores:
+            continue
+        metrics[f"generation_{group}_n"] = float(len(scores))
+        metrics[f"generation_{group}_psnr_db"] = float(np.mean([s.psnr_db for s in scores]))
+        metrics[f"generation_{group}_ssim"] = float(np.mean([s.ssim for s in scores]))
+        metrics[f"generation_{group}_dice"] = float(np.mean([s.dice for s in scores]))
+        metrics[f"generation_{group}_height_error_mm"] = float(np.mean([abs(s.height_error_mm) for s in scores]))
+        metrics[f"generation_{group}_height_bias_mm"] = float(np.mean([s.height_error_mm for s in scores]))
+    if references:
+        log.info("generation scored against the %s", " and ".join(sorted(references)))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------ report
+def _vertebra_entry(row: pd.Series, data: Path) -> VertebraEntry:
+    vertebra = int(row["vertebra"])
+    original_ct = load_volume(resolve(data, row["ct_path"]))
+    original_label = load_volume(resolve(data, row["label_path"]), label=True).array == vertebra
+    synthesised_ct = load_volume(row["syn_ct_path"]).array
+    synthesised_label = load_volume(row["syn_label_path"], label=True).array == vertebra
+    lr = np.flatnonzero(original_label.any(axis=(0, 1)))
+    k = int((lr[0] + lr[-1]) // 2)
+    panel = vertebra_panel(original_ct.array[:, :, k], synthesised_ct[:, :, k], original_label[:, :, k],
+                           synthesised_label[:, :, k], height_loss_map(synthesised_label, original_label, original_ct.spacing_mm),
+                           original_ct.spacing_mm, f"{row['case']} {row['name']} ({row['split']})")
+    baseline = row.get("predicted_baseline")
+    return VertebraEntry(
+        title=f"{row['case']} {row['name']} ({row['split']} split)",
+        true_grade=None if pd.isna(row["grade"]) else int(row["grade"]),
+        predicted=int(row["predicted"]),
+        predicted_baseline=None if baseline is None or pd.isna(baseline) else int(baseline),
+        rhlv=(float(row["rhlv_ant"]), float(row["rhlv_mid"]), float(row["rhlv_post"]), float(row["rhlv_body"])),
+        panel_png=figure_png(panel),
+    )
+
+
+def _report_selection(table: pd.DataFrame, count: int) -> pd.DataFrame:
+    """The vertebrae shown in the report: misgraded first, then by severity."""
+    ranked = table.assign(
+        _wrong=(table["grade"].notna() & (table["grade"] != table["predicted"])).astype(int),
+        _severity=table[["grade", "predicted"]].max(axis=1).fillna(0))
+    return ranked.sort_values(["_wrong", "_severity", "case", "vertebra"], ascending=[False, False, True, True]).head(count)
+
+
+def _write_plot_data(folder: Path, evaluated: pd.DataFrame, truth: pd.DataFrame) -> None:
+    """``confusion_<method>.csv`` (actual, predicted per evaluated vertebra) and ``rhlv_vs_truth.csv``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for method, (column, _) in METHODS.items():
+        if column in evaluated.columns:
+            rows = evaluated[evaluated["grade"].notna() & evaluated[column].notna()]
+            data = pd.DataFrame({"case": rows["case"], "vertebra": rows["vertebra"],
+                                 "actual": rows["grade"].astype(int), "predicted": rows[column].astype(int)})
+            with atomic_path(folder / f"confusion_{method}.csv") as path:
+                data.to_csv(path, index=False)
+    if len(truth):
+        long = pd.concat([pd.DataFrame({
+            "case": truth["case"], "vertebra": truth["vertebra"], "third": third,
+            "truth_loss": truth[f"truth_loss_{third}"], "rhlv": truth[f"rhlv_{third}"],
+            **({"baseline_loss": truth[f"baseline_loss_{third}"]} if f"baseline_loss_{third}" in truth else {}),
+        }) for third in THIRDS])
+        with atomic_path(folder / "rhlv_vs_truth.csv") as path:
+            long.to_csv(path, index=False)
+
+
+def run(params: Params, data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path, out: Path) -> dict[str, float]:
+    """Evaluate the pipeline's outputs and write metrics, plot data, figures and the report.
+
+    Returns:
+        flat metrics (``grading_<method>_*``, ``generation_<group>_*``, ``rhlv_mae_*``).
+    """
+    settings = params.evaluate
+    table, _, protocol = load_inputs(data, synth, rhlv_dir, svm_dir)
+    split = "test" if protocol == "holdout" else "val"
+    evaluated = table[table["split"] == split]
+    metrics, confusions = grading_metrics(evaluated, settings.bootstrap, settings.seed)
+    metrics.update(generation_metrics(evaluated, data))
+    truth = table.dropna(subset=[f"truth_loss_{t}" for t in THIRDS])
+    for third in THIRDS:
+        if len(truth):
+            metrics[f"rhlv_mae_{third}"] = float(np.mean(np.abs(truth[f"rhlv_{third}"] - truth[f"truth_loss_{third}"])))
+    metrics = {key: float(value) for key, value in metrics.items() if np.isfinite(value)}
+
+    figures: dict[str, tuple[str, bytes]] = {}  # file name -> (caption, PNG)
+    if confusions:
+        figures["confusion.png"] = (f"Confusion matrices of the Genant grades, {split} split (rows: annotated grade)",
+                                    figure_png(confusion_figure(confusions)))
+    if len(truth):
+        figures["rhlv_vs_truth.png"] = ("Measured height loss against the phantom's true loss, per third (all vertebrae)",
+                                        figure_png(rhlv_truth_figure(truth)))
+    entries = [_vertebra_entry(row, data) for _, row in tqdm(
+        _report_selection(evaluated, settings.report_vertebrae).iterrows(), desc="report", unit="vertebra", disable=None)]
+    grading_rows = []
+    for method, (_, label) in METHODS.items():
+        if f"grading_{method}_macro_f1" in metrics:
+            grading_rows.append((label, *(
+                f"{metrics[f'grading_{method}_{k}']:.3f} ({metrics.get(f'grading_{method}_{k}_ci_low', np.nan):.2f}-"
+                f"{metrics.get(f'grading_{method}_{k}_ci_high', np.nan):.2f})" for k in ("macro_precision", "macro_recall", "macro_f1")),
+                grade_recall_text(metrics, f"grading_{method}_")))
+    generation_rows = [(key.removeprefix("generation_").replace("_", " "), f"{value:.3f}")
+                       for key, value in metrics.items() if key.startswith("generation_")]
+    graded = table["grade"].notna()
+    content = ReportContent(
+        summary=[("patients", str(table["case"].nunique())), ("vertebrae", str(len(table))),
+                 ("fractured (annotated grade >= 1)", str(int((table.loc[graded, "grade"] >= 1).sum()))),
+                 (f"vertebrae in the evaluated split ({split})", str(len(evaluated))),
+                 ("grading protocol", protocol)],
+        comparison=comparison_sentence(metrics, split),
+        grading_rows=grading_rows, generation_rows=generation_rows,
+        figures=dict(figures.values()), vertebrae=entries)
+    with atomic_dir(out) as tmp:
+        write_text_atomic(tmp / "report.html", render_report(content))
+        write_text_atomic(tmp / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        _write_plot_data(tmp / "plots", evaluated, truth)
+        (tmp / "figures").mkdir()
+        for name, (_, png) in figures.items():
+            (tmp / "figures" / name).write_bytes(png)
+    log.info("%s", content.comparison)
+    return metrics

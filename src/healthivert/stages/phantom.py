@@ -1,0 +1,40 @@
+"""``healthivert phantom``: write the synthetic spine CT dataset (VerSe layout, ground truth, grades)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from healthivert.config import PhantomParams
+from healthivert.phantom.generator import write_dataset
+from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Command-line flags of the stage."""
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="dataset folder to write (replaced whole)")
+    parser.add_argument("--cases", type=int, metavar="N", help="number of cases (overrides phantom.cases)")
+    parser.add_argument("--seed", type=int, metavar="S", help="random seed (overrides phantom.seed)")
+    add_params_arguments(parser)
+    add_metrics_argument(parser)
+
+
+def run(params: PhantomParams, out: Path) -> dict[str, float]:
+    """Generate the dataset into ``out`` and return its summary metrics."""
+    return write_dataset(out, params)
+
+
+def execute(args: argparse.Namespace) -> None:
+    """Run the stage from parsed arguments."""
+    overrides = list(args.overrides)
+    if args.cases is not None:
+        overrides.append(f"phantom.cases={args.cases}")
+    if args.seed is not None:
+        overrides.append(f"phantom.seed={args.seed}")
+    args.overrides = overrides
+    params = params_from_args(args).phantom
+    metrics = run(params, args.out)
+    write_metrics(args.metrics, metrics)

@@ -1,0 +1,226 @@
+"""Stage 1, ``healthivert preprocess``: straighten, de-pedicle and crop every vertebra; write the manifest.
+
+For every case of the input dataset (any supported layout): straighten CT and labels once along the
+spine curve, isolate the vertebral bodies, and crop each vertebra whose body lies wholly in the scan
+(``crop_shape`` voxels of ``spacing_mm``, see ``docs/architecture.md``). Phantom healthy twins are
+straightened along the same curve and cropped at the same place. Vertebrae that cannot be used are
+logged with the reason, counted in the metrics and listed in ``skipped.csv``. The output folder is
+written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from healthivert.config import Params, PreprocessParams, dump_params
+from healthivert.data.manifest import COLUMNS, crop_name, write_manifest
+from healthivert.data.splits import split_patients
+from healthivert.errors import InputDataError
+from healthivert.geometry.crops import VertebraCrop, crop_vertebra
+from healthivert.geometry.morphometry import heights_on, select_columns
+from healthivert.geometry.spine import prepare_spine, resample_twin
+from healthivert.io.atomic import atomic_dir
+from healthivert.io.case import SpineCase, load_case
+from healthivert.io.grades import read_grades
+from healthivert.io.labels import vertebra_name
+from healthivert.io.layouts import CaseFiles, discover_cases
+from healthivert.io.nifti import save_volume
+from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
+from healthivert.tracking.runs import stage_run
+
+log = logging.getLogger(__name__)
+
+FOLDERS = ("ct", "label", "mask", "healthy_ct", "healthy_label")
+SKIPPED_NAME = "skipped.csv"
+_THIRDS = ("ant", "mid", "post")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Command-line flags of the stage."""
+    parser.add_argument("--input", type=Path, required=True, metavar="DIR",
+                        help="dataset folder (VerSe / phantom layout, the paper's raw layout, or TotalSegmentator outputs)")
+    parser.add_argument("--grades", type=Path, metavar="FILE",
+                        help="Genant grades: the paper's JSON (its split is used) or a case,vertebra,grade CSV; "
+                             "default: the phantom truth where present")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (replaced whole)")
+    add_params_arguments(parser)
+    add_metrics_argument(parser)
+
+
+def straightened_width(params: PreprocessParams) -> tuple[int, int]:
+    """AP columns and LR slices of the straightened grid: the crop plus room for the body's AP offset."""
+    _, ap, lr = params.crop_shape
+    margin = int(round(64.0 / params.spacing_mm))
+    return ap + margin, max(lr, int(round(80.0 / params.spacing_mm))) + int(round(16.0 / params.spacing_mm))
+
+
+@dataclasses.dataclass
+class _CaseResult:
+    rows: list[dict[str, object]]
+    skipped: list[dict[str, object]]
+    height_errors: list[float]
+
+
+def _crop_affine(base: np.ndarray, origin: tuple[int, int, int]) -> np.ndarray:
+    shift = np.eye(4)
+    shift[:3, 3] = origin
+    return base @ shift
+
+
+def _truth_row(case: SpineCase, vertebra: int) -> dict[str, object]:
+    if case.truth is None:
+        return {}
+    match = case.truth[case.truth["vertebra"] == vertebra]
+    if match.empty:
+        return {}
+    row = match.iloc[0]
+    values: dict[str, object] = {"fracture_type": str(row["fracture_type"]), "truth_grade": int(row["grade"])}
+    for third in _THIRDS:
+        values[f"truth_h_{third}_mm"] = float(row[f"h_{third}_mm"])
+        values[f"truth_healthy_h_{third}_mm"] = float(row[f"healthy_h_{third}_mm"])
+        values[f"truth_loss_{third}"] = float(row[f"loss_{third}"])
+    return values
+
+
+def _save_crop(folder: Path, sub: str, name: str, array: np.ndarray, affine: np.ndarray) -> str:
+    relative = f"{sub}/{name}.nii.gz"
+    save_volume(folder / relative, array.astype(np.uint8), affine)
+    return relative
+
+
+def preprocess_case(files: CaseFiles, params: PreprocessParams, out: Path) -> _CaseResult:
+    """Straighten, de-pedicle and crop one case into ``out``; returns its manifest rows (no split/grade yet).
+
+    Raises:
+        InputDataError: the case has no CT, or too few vertebrae to straighten.
+    """
+    if files.ct is None:
+        raise InputDataError(files.mask, f"case '{files.case_id}' has no CT",
+                             "preprocess needs the CT beside the mask; the heights tool works on masks alone")
+    case = load_case(files, spacing_mm=None)  # native grid: straightening is the only resampling
+    if len(case.centroids) < 2:
+        raise InputDataError(files.mask, f"{len(case.centroids)} vertebra(e) in the label map",
+                             "at least two are needed to straighten the spine")
+    assert case.ct is not None
+    crop_shape = tuple(int(s) for s in params.crop_shape)
+    spine = prepare_spine(case.labels.array, case.labels.spacing_mm, case.centroids, case.ct.array,
+                          spacing_mm=params.spacing_mm, width=straightened_width(params),
+                          margin_mm=crop_shape[0] / 2.0 * params.spacing_mm, remove_arch=params.depedicle)
+    healthy_bodies = healthy_ct = None
+    if case.healthy_labels is not None and case.healthy_ct is not None:
+        healthy_bodies, healthy_ct = resample_twin(spine, case.healthy_labels.array, case.healthy_ct.array,
+                                                   remove_arch=params.depedicle)
+    affine = spine.map.affine()
+    result = _CaseResult([], [], [])
+    for vid, reason in spine.skipped.items():
+        log.warning("%s: vertebra %s skipped: %s", case.case_id, vertebra_name(vid), reason)
+        result.skipped.append({"case": case.case_id, "vertebra": vid, "name": vertebra_name(vid), "reason": reason})
+    for vid in spine.order:
+        crop: VertebraCrop = crop_vertebra(spine.bodies, vid, spine.order, crop_shape, params.max_height_mm,
+                                           params.spacing_mm, spine.straight.ct, params.hu_window)
+        name = crop_name(case.case_id, vid)
+        crop_affine = _crop_affine(affine, crop.origin)
+        assert crop.ct is not None
+        row: dict[str, object] = {
+            "case": case.case_id, "vertebra": vid, "name": vertebra_name(vid),
+            "ct_path": _save_crop(out, "ct", name, crop.ct, crop_affine),
+            "label_path": _save_crop(out, "label", name, crop.labels, crop_affine),
+            "mask_path": _save_crop(out, "mask", name, crop.mask, crop_affine),
+            "healthy_ct_path": pd.NA, "healthy_label_path": pd.NA,
+            "spacing_mm": params.spacing_mm, "hu_lo": params.hu_window[0], "hu_hi": params.hu_window[1],
+            "above": crop.above if crop.above is not None else pd.NA,
+            "below": crop.below if crop.below is not None else pd.NA,
+            "center_row": crop.center_row, "top_row": crop.top_row, "bottom_row": crop.bottom_row,
+            "source_layout": case.layout,
+        }
+        row |= _truth_row(case, vid)
+        if healthy_bodies is not None and healthy_ct is not None:
+            twin = crop_vertebra(healthy_bodies, vid, spine.order, crop_shape, params.max_height_mm,
+                                 params.spacing_mm, healthy_ct, params.hu_window, origin=crop.origin)
+            assert twin.ct is not None
+            row["healthy_ct_path"] = _save_crop(out, "healthy_ct", name, twin.ct, crop_affine)
+            row["healthy_label_path"] = _save_crop(out, "healthy_label", name, twin.labels, crop_affine)
+            if "truth_h_ant_mm" in row and (twin.labels == vid).any():
+                # the shared height definition: the fractured body measured on the healthy body's columns
+                selection = select_columns(twin.labels == vid)
+                measured = heights_on(crop.labels == vid, selection, params.spacing_mm)
+                truth = [row[f"truth_h_{t}_mm"] for t in _THIRDS]
+                result.height_errors.extend(abs(m - float(t)) for m, t in zip(measured.as_tuple(), truth))
+        result.rows.append(row)
+    return result
+
+
+def _attach_grades(rows: pd.DataFrame, grades: pd.DataFrame | None, params: PreprocessParams) -> pd.DataFrame:
+    """Fill ``grade`` (from the grades file, else the phantom truth) and ``split`` (given, else by patient)."""
+    if grades is not None:
+        keyed = grades.set_index(["case", "vertebra"])["grade"]
+        index = pd.MultiIndex.from_arrays([rows["case"].astype(str), rows["vertebra"].astype(int)])
+        rows["grade"] = pd.array(keyed.reindex(index).to_numpy(), dtype="Int64")
+        split_source = grades
+    else:
+        truth = rows["truth_grade"] if "truth_grade" in rows else pd.Series(pd.NA, index=rows.index)
+        rows["grade"] = pd.array(truth.to_numpy(), dtype="Int64")
+        split_source = rows[["case", "vertebra", "grade"]]
+    splits = split_patients(rows["case"].astype(str).unique(), split_source, params.split)
+    rows["split"] = rows["case"].astype(str).map(splits)
+    return rows
+
+
+def run(params: Params, input_dir: Path, out: Path, grades_path: Path | None = None) -> dict[str, float]:
+    """Preprocess a dataset into ``out`` (written atomically); returns the stage metrics."""
+    pp = params.preprocess
+    cases = discover_cases(input_dir)
+    grades = read_grades(grades_path) if grades_path is not None else None
+    start = time.perf_counter()
+    rows: list[dict[str, object]] = []
+    skipped: list[dict[str, object]] = []
+    errors: list[float] = []
+    with atomic_dir(out) as tmp:
+        for folder in FOLDERS:
+            (tmp / folder).mkdir()
+        for files in tqdm(cases, desc="preprocess", unit="case", disable=None):
+            result = preprocess_case(files, pp, tmp)
+            rows += result.rows
+            skipped += result.skipped
+            errors += result.height_errors
+        if not rows:
+            raise InputDataError(input_dir, "no vertebra could be cropped", "see the warnings above for the reasons")
+        table = _attach_grades(pd.DataFrame(rows), grades, pp)
+        for column in COLUMNS:
+            if column not in table:
+                table[column] = pd.NA
+        write_manifest(table, tmp)
+        pd.DataFrame(skipped, columns=["case", "vertebra", "name", "reason"]).to_csv(tmp / SKIPPED_NAME, index=False)
+        (tmp / "params.yaml").write_text(dump_params(params))
+    seconds = time.perf_counter() - start
+    metrics = {
+        "cases": float(len(cases)),
+        "vertebrae": float(len(table)),
+        "vertebrae_skipped": float(len(skipped)),
+        "seconds_per_case": seconds / len(cases),
+        "fractured": float((table["grade"].fillna(0) >= 1).sum()),
+    }
+    if errors:
+        metrics["truth_height_mae_mm"] = float(np.mean(errors))
+    log.info("%s: %d vertebrae from %d cases (%d skipped) in %.1f s%s", out, len(table), len(cases), len(skipped),
+             seconds, f", height MAE vs truth {metrics['truth_height_mae_mm']:.2f} mm" if errors else "")
+    return metrics
+
+
+def execute(args: argparse.Namespace) -> None:
+    """Run the stage from parsed arguments."""
+    params = params_from_args(args)
+    with stage_run("preprocess", params, ("preprocess",)) as tracker:
+        metrics = run(params, args.input, args.out, args.grades)
+        tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
+        tracker.log_artifact(args.out / "manifest.parquet")
+    write_metrics(args.metrics, metrics)

@@ -1,0 +1,206 @@
+"""Stage 5, ``healthivert rhlv``: relative height loss and height-loss maps of every vertebra.
+
+Reads the preprocessing manifest and the synthesised labels (``--synth``, or with
+``--healthy-truth`` the phantoms' fracture-free labels, which checks grading independently of the
+GAN) and writes ``rhlv.parquet`` (one row per vertebra) and ``maps/<name>.nii.gz`` + ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from healthivert.config import Params
+from healthivert.data.manifest import crop_name, read_manifest, resolve
+from healthivert.errors import InputDataError
+from healthivert.geometry.morphometry import neighbour_baseline, vertebra_heights
+from healthivert.io.atomic import atomic_dir, atomic_path
+from healthivert.io.nifti import Volume, check_same_grid, load_volume, save_volume
+from healthivert.rhlv import height_loss_map, rhlv_with_params
+from healthivert.rhlv.figures import height_loss_figure
+from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
+from healthivert.synthesis.index import read_index
+from healthivert.tracking.runs import stage_run
+
+log = logging.getLogger(__name__)
+
+TABLE_NAME = "rhlv.parquet"
+MAPS_FOLDER = "maps"
+THIRD_NAMES = ("ant", "mid", "post")
+CORONAL_NAMES = ("right", "mid", "left")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``healthivert rhlv``."""
+    parser.add_argument("--data", type=Path, required=True, metavar="DIR", help="preprocessed folder (manifest.parquet)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--synth", type=Path, metavar="DIR", help="synthesis output folder (index.parquet)")
+    source.add_argument("--healthy-truth", action="store_true",
+                        help="measure against the phantoms' fracture-free labels instead of a synthesis")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    add_params_arguments(parser)
+    add_metrics_argument(parser)
+
+
+def execute(args: argparse.Namespace) -> None:
+    """Run the stage from parsed arguments."""
+    params = params_from_args(args)
+    with stage_run("rhlv", params, ("rhlv",)) as tracker:
+        metrics = run(params, args.data, None if args.healthy_truth else args.synth, args.out)
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(args.out / TABLE_NAME)
+    write_metrics(args.metrics, metrics)
+
+
+def _healthy_labels(manifest: pd.DataFrame, data: Path) -> dict[tuple[str, int], Path]:
+    paths = {}
+    for row in manifest.itertuples():
+        path = resolve(data, row.healthy_label_path)
+        if path is None:
+            raise InputDataError(data / "manifest.parquet", f"{crop_name(row.case, row.vertebra)} has no healthy label",
+                                 "--healthy-truth needs phantom data; use --synth")
+        paths[(row.case, int(row.vertebra))] = path
+    return paths
+
+
+def _synthesised_labels(manifest: pd.DataFrame, synth: Path) -> dict[tuple[str, int], Path]:
+    index = read_index(synth)
+    paths = {(row.case, int(row.vertebra)): Path(row.label_path) for row in index.itertuples()}
+    wanted = {(row.case, int(row.vertebra)) for row in manifest.itertuples()}
+    missing, extra = sorted(wanted - paths.keys()), sorted(paths.keys() - wanted)
+    if missing:
+        raise InputDataError(synth / "index.parquet", f"vertebra {crop_name(*missing[0])} of the manifest was not synthesised",
+                             f"{len(missing)} missing; rerun 'healthivert synthesize' on this data")
+    if extra:
+        raise InputDataError(synth / "index.parquet", f"synthesised vertebra {crop_name(*extra[0])} is not in the manifest",
+                             "synthesis and data folders do not belong together")
+    return paths
+
+
+def _target(volume: Volume, vertebra: int, name: str) -> np.ndarray:
+    mask = volume.array == vertebra
+    if not mask.any():
+        raise InputDataError(volume.path or "<memory>", f"vertebra {name} (label {vertebra}) is missing from the label map")
+    return mask
+
+
+def _neighbour_losses(labels: np.ndarray, vertebra: int, spacing: tuple[float, float, float],
+                      params: Params) -> tuple[float, float, float]:
+    """Mask-only baseline: the target's height loss against its neighbours in the crop.
+
+    NaN without a measured neighbour. A third whose own columns all fall below the column threshold
+    (a severe wedge measured on its own columns) counts as height 0, loss 1, as in the reference.
+    """
+    heights = vertebra_heights(labels, spacing, params.rhlv.central_fraction, params.rhlv.column_threshold)
+    baseline = neighbour_baseline(heights).get(vertebra)
+    if baseline is None or baseline.expected is None:
+        return float("nan"), float("nan"), float("nan")
+    own = baseline.heights.as_tuple()
+    losses = (baseline.loss_ant, baseline.loss_mid, baseline.loss_post)
+    return tuple(1.0 if np.isnan(h) else loss for h, loss in zip(own, losses))  # type: ignore[return-value]
+
+
+def _map_volume(loss: np.ndarray, reference: Volume, syn: np.ndarray) -> Volume:
+    """The ``(AP, LR)`` map as a one-row ``(1, AP, LR)`` volume at the synthesised body's central row (0 outside the body)."""
+    centre_row = float(np.mean(np.nonzero(syn.any(axis=(1, 2)))[0]))
+    affine = reference.affine.copy()
+    affine[:3, 3] = reference.affine[:3, :3] @ np.array([centre_row, 0.0, 0.0]) + reference.affine[:3, 3]
+    return Volume(np.nan_to_num(loss, nan=0.0)[None].astype(np.float32), affine)
+
+
+def measure_vertebra(row: pd.Series, data: Path, syn_path: Path, params: Params) -> tuple[dict, np.ndarray, Volume]:
+    """RHLV (sagittal and coronal) of one manifest row; returns the table record and the loss map.
+
+    Raises:
+        InputDataError: unreadable labels, different grids, the vertebra missing on one side, or a
+            third without measurable columns.
+    """
+    name = crop_name(row["case"], row["vertebra"])
+    original = load_volume(resolve(data, row["label_path"]), label=True)
+    synthesised = load_volume(syn_path, label=True)
+    check_same_grid(original, synthesised)
+    ori = _target(original, int(row["vertebra"]), name)
+    syn = _target(synthesised, int(row["vertebra"]), name)
+    spacing = original.spacing_mm
+    sagittal = rhlv_with_params(syn, ori, spacing, params.rhlv, "sagittal")
+    coronal = rhlv_with_params(syn, ori, spacing, params.rhlv, "coronal")
+    for third, value in zip(THIRD_NAMES, sagittal.as_tuple()):
+        if not np.isfinite(value):
+            raise InputDataError(syn_path, f"{name}: no measurable column in the {third} third of the synthesised body",
+                                 "is the synthesised label empty or cut off?")
+    record = {
+        "case": row["case"], "vertebra": int(row["vertebra"]), "name": row["name"], "split": row["split"],
+        "grade": row["grade"], "fracture_type": row["fracture_type"],
+        "rhlv_ant": sagittal.ant, "rhlv_mid": sagittal.mid, "rhlv_post": sagittal.post, "rhlv_body": sagittal.body,
+        "shape_ratio": sagittal.shape_ratio,
+    }
+    for part in ("ant", "mid", "post", "body"):
+        record[f"h_syn_{part}_mm"] = getattr(sagittal.syn, f"{part}_mm")
+        record[f"h_ori_{part}_mm"] = getattr(sagittal.ori, f"{part}_mm")
+    for third, value in zip(CORONAL_NAMES, coronal.as_tuple()):
+        record[f"rhlv_cor_{third}"] = value
+    baseline = _neighbour_losses(original.array, int(row["vertebra"]), spacing, params)
+    for third, value in zip(THIRD_NAMES, baseline):
+        record[f"baseline_loss_{third}"] = value
+    for third in THIRD_NAMES:
+        record[f"truth_loss_{third}"] = row[f"truth_loss_{third}"]
+    loss = height_loss_map(syn, ori, spacing)
+    return record, loss, _map_volume(loss, original, syn)
+
+
+def summarise(table: pd.DataFrame) -> dict[str, float]:
+    """Stage metrics: vertebrae measured and, where the truth is known, mean absolute errors per third.
+
+    ``rhlv_mae*`` are RHLV's errors, ``baseline_mae*`` those of the mask-only neighbour baseline
+    (over the vertebrae where it has neighbours).
+    """
+    metrics = {"rhlv_vertebrae": float(len(table))}
+    truth = table.dropna(subset=[f"truth_loss_{third}" for third in THIRD_NAMES])
+    if len(truth):
+        metrics["rhlv_vertebrae_with_truth"] = float(len(truth))
+        for prefix, column in (("rhlv", "rhlv_{}"), ("baseline", "baseline_loss_{}")):
+            errors = [np.abs(truth[column.format(third)] - truth[f"truth_loss_{third}"]) for third in THIRD_NAMES]
+            for third, error in zip(THIRD_NAMES, errors):
+                metrics[f"{prefix}_mae_{third}"] = float(error.mean())
+            metrics[f"{prefix}_mae"] = float(np.mean([e.mean() for e in errors]))
+    return metrics
+
+
+def run(params: Params, data: Path, synth: Path | None, out: Path) -> dict[str, float]:
+    """Measure every vertebra of the manifest against its synthesis (or, ``synth=None``, its healthy truth).
+
+    Args:
+        params: all parameters (``rhlv`` is read).
+        data: preprocessed folder.
+        synth: synthesis output folder, or ``None`` for the phantoms' healthy labels.
+        out: output folder, replaced atomically.
+
+    Returns:
+        the stage metrics (see :func:`summarise`).
+    """
+    manifest = read_manifest(data)
+    syn_paths = _healthy_labels(manifest, data) if synth is None else _synthesised_labels(manifest, synth)
+    records = []
+    with atomic_dir(out) as tmp:
+        for _, row in tqdm(manifest.iterrows(), total=len(manifest), desc="rhlv", unit="vertebra", disable=None):
+            name = crop_name(row["case"], row["vertebra"])
+            record, loss, map_volume = measure_vertebra(row, data, syn_paths[(row["case"], int(row["vertebra"]))], params)
+            save_volume(tmp / MAPS_FOLDER / f"{name}.nii.gz", map_volume)
+            figure = height_loss_figure(loss, map_volume.spacing_mm[1:], title=f"{name} ({row['name']})")
+            with atomic_path(tmp / MAPS_FOLDER / f"{name}.png") as png:
+                figure.savefig(png, format="png")
+            record["map_path"] = f"{MAPS_FOLDER}/{name}.nii.gz"
+            records.append(record)
+        table = pd.DataFrame(records)
+        table["grade"] = table["grade"].astype("Int64")
+        with atomic_path(tmp / TABLE_NAME) as path:
+            table.to_parquet(path, index=False)
+    metrics = summarise(table)
+    log.info("RHLV of %d vertebrae%s", len(table),
+             f", MAE vs truth {metrics['rhlv_mae']:.3f}" if "rhlv_mae" in metrics else "")
+    return metrics

@@ -1,0 +1,133 @@
+"""``healthivert submit``: compile the Kubeflow pipeline and send it to a KFP endpoint, or only compile it.
+
+Also the in-container side of every Kubeflow step (:func:`run_step`): the lightweight components in
+``components/`` only hand their artifact paths to it, so a step runs exactly the CLI command that DVC
+runs, with the same parameter validation and tracking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from healthivert.errors import ConfigError, InputDataError
+from healthivert.io.atomic import atomic_path
+from healthivert.stages.common import add_params_arguments, params_from_args
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PIPELINE_FILE = Path("pipelines") / "healthivert_pipeline.py"
+DEFAULT_IMAGE = "ghcr.io/healthivert/healthivert"
+DEFAULT_TAG = "0.1.0-cuda"
+
+
+def run_step(command: Sequence[str], params_yaml: str, overrides: Sequence[str] = (),
+             tracking_uri: str = "", pipeline_group: str = "", metrics_out: Any = None) -> dict[str, float]:
+    """Run one stage command in-process the way a Kubeflow step does; return its metrics.
+
+    Args:
+        command: the subcommand and its path arguments, e.g. ``["rhlv", "--data", ..., "--out", ...]``.
+        params_yaml: the full parameter file content (a pipeline parameter).
+        overrides: ``section.key=value`` assignments applied on top.
+        tracking_uri: MLflow tracking URI; empty switches tracking off for the step.
+        pipeline_group: id shared by the steps of one pipeline run (their MLflow parent run's tag).
+        metrics_out: a KFP ``Metrics`` artifact (anything with ``log_metric(name, value)``) that
+            receives the stage's metrics.
+
+    Raises:
+        RuntimeError: the stage exited non-zero (the step, and the Kubeflow run, fail).
+    """
+    from healthivert.cli import main
+    from healthivert.tracking.pipeline import PIPELINE_GROUP_ENV
+
+    with tempfile.TemporaryDirectory(prefix="healthivert-step-") as scratch:
+        params_file = Path(scratch) / "params.yaml"
+        params_file.write_text(params_yaml)
+        metrics_file = Path(scratch) / "metrics.json"
+        argv = [*command, "--params", str(params_file), "--metrics", str(metrics_file)]
+        for assignment in overrides:
+            argv += ["--set", assignment]
+        if tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+            if pipeline_group:
+                os.environ[PIPELINE_GROUP_ENV] = pipeline_group
+        else:
+            argv += ["--set", "tracking.enabled=false"]
+        code = main(argv)
+        if code != 0:
+            raise RuntimeError(f"healthivert {command[0]} exited with code {code}")
+        written = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    metrics = {key: float(value) for key, value in written.items() if isinstance(value, (int, float))}
+    if metrics_out is not None:
+        for key, value in metrics.items():
+            metrics_out.log_metric(key, value)
+    return metrics
+
+
+def load_pipeline_module(path: Path) -> ModuleType:
+    """Import the pipeline definition file (its project root goes on ``sys.path`` for ``components``)."""
+    if not path.is_file():
+        raise InputDataError(path, "pipeline definition not found", "run from the project root or pass --pipeline")
+    root = str(path.resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    spec = importlib.util.spec_from_file_location("healthivert_kfp_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``healthivert submit``."""
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--host", help="KFP API endpoint, e.g. http://localhost:8080")
+    target.add_argument("--compile-only", type=Path, metavar="FILE", help="write the pipeline IR YAML here, send nothing")
+    parser.add_argument("--experiment", default="healthivert", help="KFP experiment of the run")
+    parser.add_argument("--run-name", help="name of the KFP run (default: KFP's)")
+    parser.add_argument("--pipeline", type=Path, default=DEFAULT_PIPELINE_FILE, metavar="FILE",
+                        help=f"pipeline definition (default: {DEFAULT_PIPELINE_FILE})")
+    add_params_arguments(parser)  # resolved and validated here; the result is the run's params_yaml
+    parser.add_argument("--image", default=DEFAULT_IMAGE, help=f"container image of every step (default: {DEFAULT_IMAGE})")
+    parser.add_argument("--tag", default=DEFAULT_TAG, help=f"image tag (default: {DEFAULT_TAG})")
+    parser.add_argument("--gpus", type=int, default=1, metavar="N",
+                        help="GPUs requested by train-coarse, train-fine and synthesize (0: none)")
+    parser.add_argument("--mlflow-uri", default="", metavar="URI",
+                        help="MLflow tracking URI reachable from the cluster (empty: no tracking)")
+
+
+def execute(args: argparse.Namespace) -> None:
+    """Compile the pipeline; unless ``--compile-only``, submit it to ``--host``."""
+    from kfp import compiler
+
+    from healthivert.config import dump_params
+
+    if args.gpus < 0:
+        raise ConfigError("--gpus", f"must be 0 or more, got {args.gpus}")
+    params = params_from_args(args)  # validated before anything is compiled or sent
+    module = load_pipeline_module(args.pipeline)
+    build: Callable = module.build_pipeline
+    pipeline = build(image=f"{args.image}:{args.tag}", gpus=args.gpus, params_yaml=dump_params(params),
+                     mlflow_uri=args.mlflow_uri)
+    if args.compile_only:
+        with atomic_path(args.compile_only) as tmp:
+            compiler.Compiler().compile(pipeline, str(tmp))
+        log.info("pipeline compiled to %s", args.compile_only)
+        return
+    import kfp
+
+    with tempfile.TemporaryDirectory(prefix="healthivert-submit-") as scratch:
+        package = Path(scratch) / "healthivert.yaml"
+        compiler.Compiler().compile(pipeline, str(package))
+        client = kfp.Client(host=args.host)
+        result = client.create_run_from_pipeline_package(str(package), arguments={},
+                                                         run_name=args.run_name, experiment_name=args.experiment)
+    log.info("submitted run %s to %s (experiment %s)", result.run_id, args.host, args.experiment)

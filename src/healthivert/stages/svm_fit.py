@@ -1,0 +1,134 @@
+"""Stage 6, ``healthivert svm-fit``: the Genant-grade SVM on RHLV features, and on the mask-only baseline.
+
+Writes ``svm.json`` (the RHLV model), ``baseline_svm.json`` (the same fit on the neighbour baseline's
+losses, for comparison) and ``predictions.parquet`` (``case, vertebra, split, grade, predicted,
+predicted_baseline``); the model is logged (and registered) in MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from healthivert.config import Params
+from healthivert.errors import InputDataError
+from healthivert.grading import GRADES, GradingResult, fit_grader
+from healthivert.io.atomic import atomic_dir, atomic_path
+from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
+from healthivert.tracking.runs import stage_run
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "svm.json"
+BASELINE_MODEL_NAME = "baseline_svm.json"
+PREDICTIONS_NAME = "predictions.parquet"
+BASELINE_FEATURES = ("baseline_loss_ant", "baseline_loss_mid", "baseline_loss_post")
+KEY_COLUMNS = ("case", "vertebra", "split", "grade")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``healthivert svm-fit``."""
+    parser.add_argument("--rhlv", type=Path, required=True, metavar="FILE", help="rhlv.parquet of the rhlv stage")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    add_params_arguments(parser)
+    add_metrics_argument(parser)
+
+
+def execute(args: argparse.Namespace) -> None:
+    """Run the stage from parsed arguments."""
+    params = params_from_args(args)
+    with stage_run("svm-fit", params, ("svm_fit",)) as tracker:
+        metrics = run(params, args.rhlv, args.out)
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(args.out / PREDICTIONS_NAME)
+        tracker.log_model_files(args.out / MODEL_NAME, "svm")
+    write_metrics(args.metrics, metrics)
+
+
+def read_rhlv_table(path: Path, features: tuple[str, ...]) -> pd.DataFrame:
+    """Read and check ``rhlv.parquet``: key columns, features, known grades and splits, unique vertebrae.
+
+    Raises:
+        InputDataError: a missing column, an unknown grade or split, a repeated vertebra, or a
+            missing (NaN) feature.
+    """
+    if not path.is_file():
+        raise InputDataError(path, "RHLV table not found", "run 'healthivert rhlv' first")
+    try:
+        table = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for foreign or truncated files
+        raise InputDataError(path, "not a readable Parquet file", type(exc).__name__) from exc
+    missing = [c for c in (*KEY_COLUMNS, *features) if c not in table.columns]
+    if missing:
+        raise InputDataError(path, f"lacks column(s) {', '.join(missing)}",
+                             "features must be columns of the RHLV table (svm_fit.features)")
+    table = table.copy()
+    table["grade"] = table["grade"].astype("Int64")
+    unknown = table["grade"].notna() & ~table["grade"].isin(GRADES)
+    if unknown.any():
+        row = table[unknown].iloc[0]
+        raise InputDataError(path, f"unknown grade {row['grade']} for {row['case']}_{row['vertebra']}",
+                             "Genant grades are 0, 1, 2, 3 (NA when unknown)")
+    bad_split = ~table["split"].isin(["train", "val", "test"])
+    if bad_split.any():
+        raise InputDataError(path, f"unknown split '{table.loc[bad_split, 'split'].iloc[0]}'", "expected train, val or test")
+    repeated = table.duplicated(["case", "vertebra"])
+    if repeated.any():
+        row = table[repeated].iloc[0]
+        raise InputDataError(path, f"{row['case']}_{row['vertebra']} listed twice")
+    nan = table[list(features)].isna().any(axis=1)
+    if nan.any():
+        row = table[nan].iloc[0]
+        raise InputDataError(path, f"{row['case']}_{row['vertebra']} has no value for a feature of {list(features)}")
+    return table
+
+
+def _fit(table: pd.DataFrame, params: Params, features: tuple[str, ...], source: Path) -> GradingResult:
+    train_grades = table.loc[(table["split"] == "train") & table["grade"].notna(), "grade"].unique()
+    if len(train_grades) < 2:
+        raise InputDataError(source, f"the train split has {len(train_grades)} distinct grade(s)",
+                             "grading needs graded vertebrae of at least two grades in train")
+    try:
+        return fit_grader(table, params.svm_fit, features)
+    except ValueError as exc:
+        raise InputDataError(source, str(exc), "check the split of the data or svm_fit settings") from exc
+
+
+def run(params: Params, rhlv_table: Path, out: Path) -> dict[str, float]:
+    """Fit the RHLV grader and the baseline grader; write models and predictions.
+
+    The baseline is fitted on the vertebrae where it is defined (it needs a measured neighbour);
+    the others get no baseline prediction.
+
+    Returns:
+        flat metrics: ``svm_*`` for RHLV features, ``baseline_*`` for the mask-only baseline.
+    """
+    features = tuple(params.svm_fit.features)
+    table = read_rhlv_table(rhlv_table, features)
+    result = _fit(table, params, features, rhlv_table)
+    metrics = {f"svm_{key}": value for key, value in result.metrics.items()}
+    predictions = result.predictions
+    has_baseline = all(c in table.columns for c in BASELINE_FEATURES)
+    baseline = None
+    if has_baseline:
+        defined = table.dropna(subset=list(BASELINE_FEATURES))
+        baseline = _fit(defined, params, BASELINE_FEATURES, rhlv_table)
+        metrics.update({f"baseline_{key}": value for key, value in baseline.metrics.items()})
+        merged = predictions.merge(baseline.predictions[["case", "vertebra", "predicted"]].rename(
+            columns={"predicted": "predicted_baseline"}), on=["case", "vertebra"], how="left")
+        predictions = merged.astype({"predicted_baseline": "Int64"})
+        log.info("baseline fitted on %d of %d vertebrae", len(defined), len(table))
+    with atomic_dir(out) as tmp:
+        result.model.save(tmp / MODEL_NAME)
+        if baseline is not None:
+            baseline.model.save(tmp / BASELINE_MODEL_NAME)
+        with atomic_path(tmp / PREDICTIONS_NAME) as path:
+            predictions.to_parquet(path, index=False)
+    headline = "test_macro_f1" if params.svm_fit.protocol == "holdout" else "cv_macro_f1"
+    log.info("macro-F1 (%s): RHLV %.3f, baseline %s", headline, metrics[f"svm_{headline}"],
+             f"{metrics[f'baseline_{headline}']:.3f}" if baseline is not None else "n/a")
+    return {key: float(value) for key, value in metrics.items() if np.isfinite(value)}

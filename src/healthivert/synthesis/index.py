@@ -1,0 +1,65 @@
+"""``index.parquet`` of the synthesis output: one row per synthesised target vertebra.
+
+Columns: ``case`` (str), ``vertebra`` (int, VerSe id), ``ct_path``, ``label_path`` (str, relative to
+the index's folder), ``predicted_height_mm`` (float: mean healthy height the generator predicted
+over the synthesised slices), ``slices`` (int: how many slices per view were synthesised).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from healthivert.errors import InputDataError
+from healthivert.io.atomic import atomic_path
+
+INDEX_NAME = "index.parquet"
+
+COLUMNS: dict[str, str] = {
+    "case": "string",
+    "vertebra": "int64",
+    "ct_path": "string",
+    "label_path": "string",
+    "predicted_height_mm": "float64",
+    "slices": "int64",
+}
+
+
+def write_index(frame: pd.DataFrame, folder: str | os.PathLike[str]) -> Path:
+    """Write ``frame`` (the columns of :data:`COLUMNS`) as ``folder/index.parquet``, atomically."""
+    path = Path(folder) / INDEX_NAME
+    frame = frame.loc[:, list(COLUMNS)].astype(COLUMNS)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return path
+
+
+def read_index(folder: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a synthesis index, with ``ct_path`` and ``label_path`` made absolute.
+
+    Args:
+        folder: the synthesis output folder (holding ``index.parquet``).
+
+    Raises:
+        InputDataError: the index is missing, unreadable, lacks columns or lists a vertebra twice.
+    """
+    path = Path(folder) / INDEX_NAME
+    if not path.is_file():
+        raise InputDataError(path, "synthesis index not found", "run 'healthivert synthesize' first")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for foreign or truncated files
+        raise InputDataError(path, "not a readable Parquet file", type(exc).__name__) from exc
+    missing = [column for column in COLUMNS if column not in frame.columns]
+    if missing:
+        raise InputDataError(path, f"index lacks column(s) {', '.join(missing)}")
+    frame = frame.loc[:, list(COLUMNS)].astype(COLUMNS)
+    duplicated = frame.duplicated(["case", "vertebra"])
+    if duplicated.any():
+        row = frame[duplicated].iloc[0]
+        raise InputDataError(path, f"vertebra {row['vertebra']} of case {row['case']} listed twice")
+    for column in ("ct_path", "label_path"):
+        frame[column] = [str(Path(folder) / relative) for relative in frame[column]]
+    return frame.reset_index(drop=True)

@@ -1,0 +1,117 @@
+"""Where a run's code and data come from: git commit, parameter digest and DVC data hashes.
+
+The data hash of a stage is read from DVC's own records, not recomputed: for every data dependency
+the stage declares in ``dvc.yaml``, the md5 that ``dvc.lock`` records for the upstream stage that
+produced it (or for the dependency itself). During ``dvc repro`` the upstream stages have already
+written their entries, so the hash names exactly the inputs the stage is about to read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from healthivert.config import Params
+
+log = logging.getLogger(__name__)
+
+#: dependencies under these folders are code, not data (their hashes are covered by the git commit).
+CODE_PREFIXES = ("src/",)
+
+UNKNOWN = "unknown"
+
+
+def git_commit(root: Path) -> str:
+    """The checked-out commit of the git repository containing ``root`` (``unknown`` outside git).
+
+    A ``+dirty`` suffix marks uncommitted changes to tracked files.
+    """
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=root, capture_output=True,
+                               timeout=10).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return UNKNOWN
+    return f"{commit}+dirty" if dirty else commit
+
+
+def params_digest(params: Params) -> str:
+    """Short stable hash of every parameter section."""
+    return params.digest()
+
+
+@dataclass(frozen=True)
+class DataLineage:
+    """The data inputs of one DVC stage with the md5 that ``dvc.lock`` records for each.
+
+    Attributes:
+        stage: the DVC stage name (``train_coarse``).
+        inputs: data dependency path -> md5 (``unknown`` when DVC has no record of it).
+    """
+
+    stage: str
+    inputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """One hash over every input (``unknown`` when any input is unrecorded or none is known)."""
+        if not self.inputs or UNKNOWN in self.inputs.values():
+            return UNKNOWN
+        payload = json.dumps(sorted(self.inputs.items()))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def tags(self) -> dict[str, str]:
+        """MLflow tags: ``dvc.data_hash`` plus one ``dvc.dep.<path>`` per input."""
+        tags = {"dvc.data_hash": self.digest}
+        tags.update({f"dvc.dep.{path}": md5 for path, md5 in self.inputs.items()})
+        return tags
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        log.debug("cannot read %s: %s", path, exc)
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _locked_hashes(lock: dict) -> dict[str, str]:
+    """Path -> md5 of every dependency and output that ``dvc.lock`` records (outputs win)."""
+    recorded: dict[str, dict[str, str]] = {"deps": {}, "outs": {}}
+    for entry in (lock.get("stages") or {}).values():
+        for kind, hashes in recorded.items():
+            for item in entry.get(kind) or []:
+                if "md5" in item:
+                    hashes[str(item["path"]).rstrip("/")] = str(item["md5"])
+    return {**recorded["deps"], **recorded["outs"]}
+
+
+def dvc_lineage(stage: str, root: Path) -> DataLineage:
+    """The data inputs of DVC stage ``stage`` (dashes allowed) and their recorded md5s.
+
+    Args:
+        stage: stage name as the CLI spells it (``train-coarse``) or as ``dvc.yaml`` does.
+        root: the DVC project root holding ``dvc.yaml`` and ``dvc.lock``.
+
+    Returns:
+        The lineage; empty when the project or the stage has no ``dvc.yaml`` entry.
+    """
+    name = stage.replace("-", "_")
+    definition = (_read_yaml(root / "dvc.yaml").get("stages") or {}).get(name)
+    if not definition:
+        return DataLineage(stage=name)
+    hashes = _locked_hashes(_read_yaml(root / "dvc.lock"))
+    inputs = {}
+    for dep in definition.get("deps") or []:
+        path = str(dep).rstrip("/")
+        if not path.startswith(CODE_PREFIXES):
+            inputs[path] = hashes.get(path, UNKNOWN)
+    return DataLineage(stage=name, inputs=inputs)

@@ -1,0 +1,106 @@
+"""Training the fracture classifier of HGAM, and its Grad-CAM++ attention volumes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from healthivert.models.classifier import FractureClassifier
+from healthivert.models.gradcam import attention_maps
+from healthivert.training.loop import MetricSink, move_to
+from healthivert.training.runtime import Runtime
+from healthivert.training.schedule import adam
+
+log = logging.getLogger(__name__)
+
+
+class ClassifierTask:
+    """Binary cross-entropy training of :class:`FractureClassifier` (Adam), validated by balanced accuracy.
+
+    Args:
+        classifier: the network (moved to the runtime's device here).
+        lr: Adam learning rate.
+        beta1: Adam beta1.
+        runtime: device, precision, rank.
+        validation: loader of ``{"image", "label"}`` batches, or ``None``.
+    """
+
+    def __init__(self, classifier: FractureClassifier, lr: float, beta1: float, runtime: Runtime,
+                 validation: DataLoader[Any] | None = None) -> None:
+        self.runtime = runtime
+        self.classifier = classifier.to(runtime.device)
+        self.network: nn.Module = self.classifier
+        if runtime.distributed:
+            self.network = DistributedDataParallel(self.classifier, device_ids=None if runtime.device.type == "cpu" else [runtime.device])
+        self.optimizer = adam(self.classifier.parameters(), lr, beta1)
+        self.scaler = runtime.grad_scaler()
+        self.validation = validation
+
+    def state(self) -> dict[str, Any]:
+        """Checkpointed components."""
+        return {"classifier": self.classifier, "optimizer": self.optimizer, "scaler": self.scaler}
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One Adam step on a batch of ``image`` ``(B, 1, H, W)`` and ``label`` ``(B,)``."""
+        self.network.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.runtime.autocast():
+            logits = self.network(batch["image"]).squeeze(1)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"])
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        accuracy = ((logits.detach() > 0).float() == batch["label"]).float().mean()
+        return {"loss": float(loss.detach()), "accuracy": float(accuracy)}
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader[Any]) -> dict[str, float]:
+        """Balanced accuracy, sensitivity and specificity (logit > 0 = fractured) over a loader."""
+        self.classifier.eval()
+        hits = np.zeros(2)
+        totals = np.zeros(2)
+        for batch in loader:
+            batch = move_to(batch, self.runtime.device)
+            with self.runtime.autocast():
+                predicted = (self.classifier(batch["image"]).squeeze(1) > 0).long()
+            label = batch["label"].long()
+            for cls in (0, 1):
+                chosen = label == cls
+                totals[cls] += int(chosen.sum())
+                hits[cls] += int((predicted[chosen] == cls).sum())
+        rates = np.divide(hits, totals, out=np.full(2, np.nan), where=totals > 0)
+        return {"specificity": float(rates[0]), "sensitivity": float(rates[1]),
+                "balanced_accuracy": float(np.nanmean(rates)) if np.isfinite(rates).any() else float("nan")}
+
+    def end_epoch(self, epoch: int, sink: MetricSink | None) -> dict[str, float]:
+        """Validation metrics of the epoch (``val/...``), empty without a validation set."""
+        if self.validation is None or not self.runtime.is_main:
+            return {}
+        return {f"val/{k}": v for k, v in self.evaluate(self.validation).items()}
+
+
+def attention_volume(classifier: FractureClassifier, ct_u8: np.ndarray, device: torch.device,
+                     batch_size: int = 16) -> np.ndarray:
+    """Grad-CAM++ map of a whole crop, sagittal slice by sagittal slice.
+
+    Args:
+        classifier: trained fracture classifier.
+        ct_u8: ``(CC, AP, LR)`` windowed CT crop (0..255), ``IPL``.
+        device: where to run the classifier.
+        batch_size: slices per backward pass.
+
+    Returns:
+        ``(CC, AP, LR)`` float32 in [0, 1] (1 = looks most fractured in its slice).
+    """
+    classifier.eval()
+    slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(ct_u8, 2, 0), dtype=np.float32))
+    slices = (slices / 127.5 - 1.0).unsqueeze(1).to(device)
+    maps = attention_maps(classifier, slices, batch_size=batch_size)
+    return np.moveaxis(maps[:, 0].float().cpu().numpy(), 0, 2).astype(np.float32)

@@ -1,0 +1,47 @@
+"""Figures drawn during training: a grid of input | output | truth slices (matplotlib, no pyplot)."""
+
+from __future__ import annotations
+
+import torch
+from matplotlib.figure import Figure
+
+from healthivert.training.baselines import Prediction
+
+
+def sample_grid(batch: dict[str, torch.Tensor], prediction: Prediction, count: int = 4, title: str = "") -> Figure:
+    """One row per sample: closed-up input (band shaded), synthesised output, real slice.
+
+    Images are ``(B, 1, H, W)`` with rows cranio-caudal (cranial at the top); the target's outline
+    (output: synthesised segmentation; truth: real label) is drawn in red.
+
+    Args:
+        batch: samples as :class:`healthivert.data.dataset.SliceDataset` gives them.
+        prediction: the model's re-assembled output for ``batch``.
+        count: rows drawn (at most the batch size).
+        title: figure title.
+    """
+    count = min(count, int(batch["ct"].shape[0]))
+    figure = Figure(figsize=(7.5, 2.5 * count))  # no pyplot: no GUI backend, nothing kept alive globally
+    axes = figure.subplots(count, 3, squeeze=False)
+    for i in range(count):
+        ct_in = batch["ct"][i, 0].float().cpu()
+        mask = batch["mask"][i, 0].float().cpu()
+        panels = [
+            (ct_in, mask, "input"),
+            (prediction.ct[i, 0].float().detach().cpu(), prediction.seg[i, 0].float().detach().cpu(),
+             f"output (h={float(prediction.height[i]):.0f})"),
+            (batch["real_ct"][i, 0].float().cpu(), batch["real_target"][i, 0].float().cpu(),
+             f"truth (h={float(batch['height'][i]):.0f})"),
+        ]
+        for ax, (image, overlay, label) in zip(axes[i], panels):
+            ax.imshow(image.numpy(), cmap="gray", vmin=-1, vmax=1)
+            if label == "input":
+                ax.imshow(overlay.numpy(), cmap="Blues", alpha=0.3 * overlay.numpy(), vmin=0, vmax=1)
+            else:
+                ax.contour(overlay.numpy(), levels=[0.5], colors="red", linewidths=0.8)
+            ax.set_title(label, fontsize=8)
+            ax.set_axis_off()
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,126 @@
+"""Evaluation: bootstrap by patient, generation scores, and ``rhlv -> svm-fit -> evaluate`` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import f1_score, precision_score, recall_score
+
+from healthivert.evaluation.generation import MAX_PSNR_DB, dice, generation_scores
+from healthivert.evaluation.grading import bootstrap_scores, confusion_stack, macro_scores
+from test_rhlv_stage import NO_PARAMS, main, write_crops, write_synthesis
+
+
+def test_macro_scores_match_scikit_learn() -> None:
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 4, 200)
+    y_pred = np.where(rng.random(200) < 0.7, y_true, rng.integers(0, 3, 200))
+    _, stack = confusion_stack([f"p{i % 17}" for i in range(200)], y_true, y_pred)
+    scores = macro_scores(stack.sum(axis=0))
+    assert scores["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    assert scores["macro_precision"] == pytest.approx(precision_score(y_true, y_pred, average="macro", zero_division=0))
+    assert scores["macro_recall"] == pytest.approx(recall_score(y_true, y_pred, average="macro"))
+
+
+def test_bootstrap_intervals_resample_patients() -> None:
+    rng = np.random.default_rng(1)
+    cases = [f"p{i // 8}" for i in range(160)]
+    y_true = rng.integers(0, 4, 160)
+    perfect = bootstrap_scores(cases, y_true, y_true, resamples=200)
+    assert perfect["macro_f1"].value == 1.0 and perfect["macro_f1"].low == 1.0
+    noisy_pred = np.where(rng.random(160) < 0.6, y_true, (y_true + 1) % 4)
+    noisy = bootstrap_scores(cases, y_true, noisy_pred, resamples=500, seed=2)["macro_f1"]
+    assert noisy.low < noisy.value < noisy.high
+    assert 0.05 < noisy.high - noisy.low < 0.4
+    # one patient's vertebrae move together: pooling 20 patients gives wider intervals than 160 independent ones
+    independent = bootstrap_scores([f"q{i}" for i in range(160)], y_true, noisy_pred, resamples=500, seed=2)["macro_f1"]
+    assert (noisy.high - noisy.low) >= 0.8 * (independent.high - independent.low)
+    assert np.isnan(bootstrap_scores(cases, y_true, y_true, resamples=0)["macro_f1"].low)
+
+
+def test_generation_scores_of_a_perfect_and_a_short_synthesis() -> None:
+    shape = (40, 24, 16)
+    label = np.zeros(shape, dtype=bool)
+    label[12:28, 4:20, 3:13] = True
+    ct = np.where(label, 200.0, 40.0) + np.random.default_rng(0).normal(0, 3, shape)
+    band = np.zeros(shape, dtype=np.uint8)
+    band[8:32] = 1
+    perfect = generation_scores(ct, ct, label, label, band, (1.0, 1.0, 1.0))
+    assert perfect.psnr_db == MAX_PSNR_DB and perfect.ssim == pytest.approx(1.0) and perfect.dice == 1.0
+    assert perfect.height_error_mm == 0.0
+    short = label.copy()
+    short[12:16] = False  # 4 of 16 rows missing
+    scores = generation_scores(np.where(short, 200.0, 40.0), ct, short, label, band, (2.0, 1.0, 1.0))
+    assert scores.height_error_mm == pytest.approx(-8.0)
+    assert scores.dice == pytest.approx(dice(short, label)) == pytest.approx(2 * 12 / 28)
+    assert scores.psnr_db < 30 and scores.ssim < 0.9
+
+
+def wedge_vertebrae(cases: int = 15, seed: int = 0) -> list[tuple[str, str, int, tuple[float, float, float]]]:
+    """Three vertebrae per patient, fracture grades spread over 0-3, splits 60/20/20 by patient."""
+    rng = np.random.default_rng(seed)
+    ranges = [(0.0, 0.1), (0.21, 0.24), (0.28, 0.37), (0.45, 0.6)]
+    out = []
+    for case in range(cases):
+        split = "train" if case < 0.6 * cases else "val" if case < 0.8 * cases else "test"
+        for vertebra, grade in zip((20, 22, 24), rng.permutation(4)[:3]):
+            loss = rng.uniform(*ranges[grade])
+            out.append((f"sub-p{case:02d}", split, vertebra, (loss, loss * rng.uniform(0.2, 0.6), 0.0)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipeline")
+    manifest = write_crops(root / "data", wedge_vertebrae())
+    write_synthesis(root / "synth", manifest, root / "data")
+    paths = {name: root / name for name in ("data", "synth", "rhlv", "svm", "reports")}
+    assert main(["rhlv", "--data", str(paths["data"]), "--synth", str(paths["synth"]), "--out", str(paths["rhlv"]), *NO_PARAMS]) == 0
+    assert main(["svm-fit", "--rhlv", str(paths["rhlv"] / "rhlv.parquet"), "--out", str(paths["svm"]), *NO_PARAMS]) == 0
+    return paths
+
+
+def evaluate_argv(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["evaluate", "--data", str(paths["data"]), "--synth", str(paths["synth"]), "--rhlv", str(paths["rhlv"]),
+            "--svm", str(paths["svm"]), "--out", str(out), "--set", "evaluate.bootstrap=200", *NO_PARAMS, *extra]
+
+
+def test_evaluate_writes_metrics_plots_and_report(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "reports"
+    assert main(evaluate_argv(pipeline, out, "--metrics", str(tmp_path / "m.json"))) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads((tmp_path / "m.json").read_text())
+    assert metrics["grading_gan_macro_f1"] >= 0.9
+    assert metrics["grading_gan_macro_f1_ci_low"] <= metrics["grading_gan_macro_f1"] <= metrics["grading_gan_macro_f1_ci_high"]
+    assert "grading_baseline_macro_f1" in metrics
+    # a perfect synthesis (the healthy truth) scores perfectly against the healthy truth
+    assert metrics["generation_healthy_dice"] == 1.0 and metrics["generation_healthy_height_error_mm"] == 0.0
+    assert metrics["generation_fractured_dice"] == 1.0
+    assert metrics["rhlv_mae_ant"] == pytest.approx(0.0, abs=1e-9)
+    confusion = pd.read_csv(out / "plots" / "confusion_gan.csv")
+    assert set(confusion.columns) >= {"actual", "predicted"} and len(confusion) == 9  # 3 test patients
+    assert set(pd.read_csv(out / "plots" / "rhlv_vs_truth.csv")["third"]) == {"ant", "mid", "post"}
+    assert (out / "figures" / "confusion.png").is_file() and (out / "figures" / "rhlv_vs_truth.png").is_file()
+    report = (out / "report.html").read_text()
+    assert "Research use, not for diagnosis." in report
+    assert report.count("data:image/png;base64,") == 2 + 9
+    assert "mask-only neighbour baseline" in report and "macro-F1" in report
+    assert "src=\"http" not in report  # self-contained
+
+
+def test_predictions_with_unknown_ids_are_refused(pipeline: dict[str, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    svm = tmp_path / "svm"
+    svm.mkdir()
+    (svm / "svm.json").write_bytes((pipeline["svm"] / "svm.json").read_bytes())
+    predictions = pd.read_parquet(pipeline["svm"] / "predictions.parquet")
+    predictions.loc[0, "case"] = "sub-stranger"
+    predictions.to_parquet(svm / "predictions.parquet")
+    assert main(evaluate_argv({**pipeline, "svm": svm}, tmp_path / "out")) == 2
+    error = capsys.readouterr().err
+    assert "predictions.parquet: vertebra sub-stranger_" in error and "is not in the manifest" in error
+    assert not (tmp_path / "out").exists()

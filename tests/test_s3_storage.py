@@ -1,0 +1,168 @@
+"""S3 storage against a local moto server: the DVC remote, and MLflow artifacts (server-proxied and direct).
+
+Everything listens on 127.0.0.1 and is stopped at the end of the module. Endpoints and credentials
+come from the environment exactly as documented in docs/orchestration.md: ``AWS_ENDPOINT_URL`` for
+DVC and boto3, ``MLFLOW_S3_ENDPOINT_URL`` for MLflow.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from healthivert.cli import main
+from healthivert.config import load_params
+from healthivert.tracking import stage_run
+from healthivert.tracking.pipeline import PIPELINE_GROUP_ENV, PIPELINE_RUN_ENV
+
+moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+
+BUCKET = "healthivert-test"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _keys(prefix: str) -> list[str]:
+    listing = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return [item["Key"] for item in listing.get("Contents", [])]
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[str]:
+    """A moto S3 server with one bucket; the AWS variables point boto3, DVC and MLflow at it."""
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+                            "MLFLOW_S3_ENDPOINT_URL": endpoint}.items():
+            patch.setenv(name, value)
+        for name in ("AWS_PROFILE", PIPELINE_RUN_ENV, PIPELINE_GROUP_ENV):
+            patch.delenv(name, raising=False)
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        try:
+            yield endpoint
+        finally:
+            server.stop()
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def test_dvc_remote_round_trip(s3: str, tmp_path: Path) -> None:
+    """``dvc push`` a stage output to s3://BUCKET/dvc, lose it and the cache, ``dvc pull`` it back."""
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
+                ["dvc", "remote", "add", "--local", "-d", "storage", f"s3://{BUCKET}/dvc"],
+                ["dvc", "stage", "add", "-q", "-n", "make", "-o", "out",
+                 "mkdir -p out && echo vertebra > out/a.txt && echo fracture > out/b.txt"],
+                ["dvc", "repro", "-q"]):
+        _run(cmd, tmp_path)
+    assert "2 files pushed" in _run(["dvc", "push"], tmp_path)
+    assert len(_keys("dvc/files/md5/")) == 3  # two files and the folder listing
+    for path in (tmp_path / "out", tmp_path / ".dvc" / "cache"):
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+    _run(["dvc", "pull"], tmp_path)
+    assert (tmp_path / "out" / "a.txt").read_text() == "vertebra\n"
+    assert (tmp_path / "out" / "b.txt").read_text() == "fracture\n"
+    assert "up to date" in _run(["dvc", "status"], tmp_path)
+
+
+def test_mlflow_artifacts_written_directly_to_s3(s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local SQLite store, artifacts in S3 through ``HEALTHIVERT_ARTIFACT_LOCATION``."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("HEALTHIVERT_ARTIFACT_LOCATION", f"s3://{BUCKET}/direct")
+    (tmp_path / "report.html").write_text("<p>grade 2</p>")
+    with stage_run("evaluate", load_params([]), ("evaluate",)) as tracker:
+        tracker.log_artifact(tmp_path / "report.html", "report")
+    assert any(key.endswith(f"{tracker.run_id}/artifacts/report/report.html") for key in _keys("direct/"))
+    local = mlflow.artifacts.download_artifacts(run_id=tracker.run_id, artifact_path="report/report.html",
+                                                dst_path=str(tmp_path / "back"))
+    assert Path(local).read_text() == "<p>grade 2</p>"
+    assert not (tmp_path / "mlartifacts").exists()
+
+
+@pytest.fixture()
+def mlflow_server(s3: str, tmp_path: Path) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 with a SQLite backend and artifacts proxied to s3://BUCKET/server."""
+    port = _free_port()
+    log = (tmp_path / "mlflow-server.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", f"s3://{BUCKET}/server"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start:\n{(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+@pytest.mark.timeout(300)
+def test_stage_logs_to_a_tracking_server(mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real stages through the CLI against the server; read back with MlflowClient and from the bucket."""
+    from mlflow.tracking import MlflowClient
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    tiny = ["--set", "phantom.cases=2", "--set", "phantom.vertebrae_per_case=[3, 3]",
+            "--set", "preprocess.crop_shape=[64, 64, 16]", "--set", "tracking.experiment=server"]
+    assert main(["phantom", "--out", "raw", *tiny]) == 0
+    assert main(["preprocess", "--input", "raw", "--grades", "raw/grades.csv", "--out", "pre",
+                 "--metrics", "preprocess.json", "--params", str(REPO / "params.yaml"), *tiny]) == 0
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("server")
+    runs = client.search_runs([experiment.experiment_id])
+    (stage,) = [r for r in runs if r.data.tags.get("healthivert.stage") == "preprocess"]
+    (parent,) = [r for r in runs if r.info.run_id == stage.data.tags["mlflow.parentRunId"]]
+    assert stage.info.status == "FINISHED"
+    written = json.loads((work / "preprocess.json").read_text())
+    assert stage.data.metrics == pytest.approx({k: float(v) for k, v in written.items()})
+    assert stage.data.params["preprocess.crop_shape"] == "[64, 64, 16]"
+
+    params_key = f"{parent.info.run_id}/artifacts/params.yaml"
+    assert any(key.endswith(params_key) for key in _keys("server/"))
+    text = client.download_artifacts(parent.info.run_id, "params.yaml", str(tmp_path))
+    assert yaml.safe_load(Path(text).read_text())["preprocess"]["crop_shape"] == [64, 64, 16]

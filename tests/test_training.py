@@ -1,0 +1,160 @@
+"""Training engine: exact resume after a kill, refused foreign checkpoints, falling loss, DDP on 2 CPU processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader
+
+from healthivert.config import LossWeights, ModelParams, NetworkSize
+from healthivert.data.dataset import SliceDataset, target_rows
+from healthivert.errors import CheckpointError
+from healthivert.models.discriminator import Discriminators
+from healthivert.models.generator import HealthiVertGenerator
+from healthivert.training.checkpoint import CHECKPOINT_NAME
+from healthivert.training.gan import InpaintingTask
+from healthivert.training.loop import LoopSettings, fit
+from healthivert.training.runtime import Runtime, runtime_for, seed_everything
+from healthivert.training.schedule import LinearDecay
+from test_dataset import MAX_HEIGHT, write_box_dataset
+
+TINY = ModelParams(size="cpu", sizes={"cpu": NetworkSize(cnum=4, disc_channels=4, disc_layers=1, classifier_channels=4)},
+                   max_height_px=MAX_HEIGHT)
+GRADES = [("train", g) for g in (0, 0, 1, 0, 2, 1)] + [("val", 0), ("val", 0)]
+
+
+class Killed(Exception):
+    """Stands for SIGKILL: raised between steps, after whatever the loop had written."""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
+    root = tmp_path_factory.mktemp("boxes")
+    return root, write_box_dataset(root, GRADES)
+
+
+def _task(data: tuple[Path, pd.DataFrame], stage: str, runtime: Runtime, epochs: int, seed: int = 0,
+          with_validation: bool = False) -> tuple[InpaintingTask, SliceDataset]:
+    root, manifest = data
+    seed_everything(seed)
+    validation = None
+    if with_validation:
+        val = SliceDataset(target_rows(manifest, ["val"], max_grade=0), root, "sagittal", None, MAX_HEIGHT, seed, slice_ratios=(0.0,))
+        validation = DataLoader(val, batch_size=4)
+    task = InpaintingTask(HealthiVertGenerator(TINY), Discriminators(TINY), TINY, LossWeights(), stage, 2e-4, 0.5,
+                          epochs, 1, runtime, validation, channels_last=False)
+    train = SliceDataset(target_rows(manifest, ["train"]), root, "sagittal", None, MAX_HEIGHT, seed,
+                         samples_per_epoch=3 * 4 * runtime.world_size)
+    return task, train
+
+
+def _state(task: InpaintingTask) -> dict[str, torch.Tensor]:
+    flat = {}
+    for name, component in task.state().items():
+        for key, value in component.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                flat[f"{name}.{key}"] = value.clone()
+    for group, optimizer in (("g", task.g_optimizer), ("d", task.d_optimizer)):
+        for index, state in optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                flat[f"{group}.opt.{index}.{key}"] = torch.as_tensor(value).clone()
+    return flat
+
+
+SETTINGS = LoopSettings(epochs=2, steps_per_epoch=3, batch_size=4, checkpoint_every=2, seed=0)
+CPU = Runtime(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kill_at", [3, 5])
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(data, tmp_path: Path, kill_at: int) -> None:
+    task, train = _task(data, "coarse", CPU, SETTINGS.epochs)
+    fit(task, train, SETTINGS, CPU, tmp_path / "whole", "digest")
+    expected = _state(task)
+
+    def kill(step: int) -> None:
+        if step == kill_at:
+            raise Killed
+
+    task, train = _task(data, "coarse", CPU, SETTINGS.epochs)
+    with pytest.raises(Killed):
+        fit(task, train, SETTINGS, CPU, tmp_path / "killed", "digest", on_step=kill)
+    # a new process: fresh networks from another seed, everything else from the checkpoint
+    task, train = _task(data, "coarse", CPU, SETTINGS.epochs, seed=123)
+    train.seed = 0
+    result = fit(task, train, SETTINGS, CPU, tmp_path / "killed", "digest")
+    assert result.resumed_from == 2 * ((kill_at - 1) // 2) and result.step == 6
+    got = _state(task)
+    assert got.keys() == expected.keys()
+    different = [key for key in expected if not torch.equal(expected[key], got[key])]
+    assert not different, different[:5]
+
+
+def test_checkpoint_of_other_parameters_is_refused_untouched(data, tmp_path: Path) -> None:
+    task, train = _task(data, "coarse", CPU, 1)
+    settings = LoopSettings(epochs=1, steps_per_epoch=2, batch_size=4, checkpoint_every=1, seed=0)
+    fit(task, train, settings, CPU, tmp_path, "digest-a")
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    with pytest.raises(CheckpointError, match="other parameters") as error:
+        fit(task, train, settings, CPU, tmp_path, "digest-b")
+    assert "\n" not in str(error.value) and CHECKPOINT_NAME in str(error.value)
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+    (tmp_path / CHECKPOINT_NAME).write_bytes(before[:100])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        fit(task, train, settings, CPU, tmp_path, "digest-a")
+
+
+def test_generator_loss_falls_and_validation_improves(data, tmp_path: Path) -> None:
+    task, train = _task(data, "fine", CPU, 4, with_validation=True)
+    settings = LoopSettings(epochs=4, steps_per_epoch=3, batch_size=4, checkpoint_every=100, seed=0)
+    before = task.evaluate(task.validation, with_baselines=False)
+    result = fit(task, train, settings, CPU, tmp_path, "d")
+    first, last = result.history[0], result.history[-1]
+    assert last["val/model/mae_hu"] < before["model/mae_hu"]
+    assert last["val/model/mae_hu"] < first["val/model/mae_hu"] or last["val/model/mae_hu"] < 0.8 * before["model/mae_hu"]
+    task2, train2 = _task(data, "fine", CPU, 4)
+    losses = []
+    fit(task2, train2, settings, CPU, tmp_path / "b", "d",
+        on_step=lambda step: losses.append(task2.g_optimizer.param_groups[0]["lr"]))
+    assert losses[0] == 2e-4 and losses[-1] < losses[0]                 # the linear decay is applied
+
+
+def test_linear_decay_schedule() -> None:
+    decay = LinearDecay(total_epochs=6, constant_epochs=2)
+    assert [decay(e) for e in range(6)] == pytest.approx([1, 1, 0.8, 0.6, 0.4, 0.2])
+    assert LinearDecay(3, 5)(2) == 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, root: str, manifest: pd.DataFrame, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    with runtime_for("cpu", "fp32") as runtime:
+        task, train = _task((Path(root), manifest), "coarse", runtime, 1)
+        settings = LoopSettings(epochs=1, steps_per_epoch=2, batch_size=2, checkpoint_every=1, seed=0)
+        seen = []
+        original = task.train_step
+        task.train_step = lambda batch: (seen.append(batch["row"].tolist()), original(batch))[1]  # type: ignore[method-assign]
+        fit(task, train, settings, runtime, Path(out) / "ckpt", "digest")
+        torch.save({"state": task.generator.state_dict(), "seen": seen}, Path(out) / f"rank{rank}.pt")
+
+
+def test_distributed_data_parallel_on_two_cpu_processes(data, tmp_path: Path) -> None:
+    root, manifest = data
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(root), manifest, str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(rank0["state"][k], rank1["state"][k]) for k in rank0["state"])   # gradients were averaged
+    assert rank0["seen"] != rank1["seen"]                                                     # each rank its own share
+    assert (tmp_path / "ckpt" / CHECKPOINT_NAME).exists()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [CHECKPOINT_NAME]
