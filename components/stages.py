@@ -4,8 +4,8 @@ Each function only maps its typed artifacts (``Input``/``Output`` of ``Dataset``
 ``Metrics``, ``HTML``) to the stage's command-line paths and calls
 :func:`healthivert.stages.submit.run_step`, which runs the same ``healthivert`` command DVC runs.
 The functions are turned into components by :func:`build_components` on the project's image, which
-already holds the package (no ``pip install`` at run time). Every step receives the same parameter
-file content (``params_yaml``), newline-separated ``section.key=value`` overrides, the MLflow URI
+already holds the package (no ``pip install`` at run time). Every step receives the same parameters
+as one JSON line (``params_json``), newline-separated ``section.key=value`` overrides, the MLflow URI
 (empty: tracking off) and the id that groups the steps under one MLflow parent run.
 """
 
@@ -16,16 +16,16 @@ from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 
-def phantom(params_yaml: str, overrides: str, mlflow_uri: str, pipeline_group: str,
+def phantom(params_json: str, overrides: str, mlflow_uri: str, pipeline_group: str,
             raw: Output[Dataset], metrics: Output[Metrics]):
     """Generate the synthetic spine CT dataset (VerSe layout, with ground truth)."""
     from healthivert.stages.submit import run_step
 
-    run_step(["phantom", "--out", raw.path], params_yaml, overrides.splitlines(), mlflow_uri, pipeline_group,
+    run_step(["phantom", "--out", raw.path], params_json, overrides.splitlines(), mlflow_uri, pipeline_group,
              metrics)
 
 
-def preprocess(raw: Input[Dataset], params_yaml: str, overrides: str, mlflow_uri: str, pipeline_group: str,
+def preprocess(raw: Input[Dataset], params_json: str, overrides: str, mlflow_uri: str, pipeline_group: str,
                preprocessed: Output[Dataset], metrics: Output[Metrics]):
     """Straighten, de-pedicle and crop every vertebra; write the manifest."""
     import os
@@ -33,10 +33,10 @@ def preprocess(raw: Input[Dataset], params_yaml: str, overrides: str, mlflow_uri
     from healthivert.stages.submit import run_step
 
     run_step(["preprocess", "--input", raw.path, "--grades", os.path.join(raw.path, "grades.csv"),
-              "--out", preprocessed.path], params_yaml, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
+              "--out", preprocessed.path], params_json, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
 
 
-def train_coarse(preprocessed: Input[Dataset], params_yaml: str, overrides: str, mlflow_uri: str,
+def train_coarse(preprocessed: Input[Dataset], params_json: str, overrides: str, mlflow_uri: str,
                  pipeline_group: str, coarse: Output[Model], attention: Output[Dataset],
                  metrics: Output[Metrics]):
     """Train the fracture classifier (attention maps) and the coarse generator."""
@@ -47,10 +47,10 @@ def train_coarse(preprocessed: Input[Dataset], params_yaml: str, overrides: str,
     with tempfile.TemporaryDirectory(prefix="checkpoints-") as checkpoints:
         run_step(["train-coarse", "--data", preprocessed.path, "--out", coarse.path,
                   "--attention-out", attention.path, "--checkpoint-dir", checkpoints],
-                 params_yaml, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
+                 params_json, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
 
 
-def train_fine(preprocessed: Input[Dataset], attention: Input[Dataset], coarse: Input[Model], params_yaml: str,
+def train_fine(preprocessed: Input[Dataset], attention: Input[Dataset], coarse: Input[Model], params_json: str,
                overrides: str, mlflow_uri: str, pipeline_group: str, fine: Output[Model],
                metrics: Output[Metrics]):
     """Train the whole generator from the coarse one."""
@@ -61,29 +61,29 @@ def train_fine(preprocessed: Input[Dataset], attention: Input[Dataset], coarse: 
     with tempfile.TemporaryDirectory(prefix="checkpoints-") as checkpoints:
         run_step(["train-fine", "--data", preprocessed.path, "--attention", attention.path,
                   "--coarse", coarse.path, "--out", fine.path, "--checkpoint-dir", checkpoints],
-                 params_yaml, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
+                 params_json, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
 
 
-def synthesize(preprocessed: Input[Dataset], attention: Input[Dataset], fine: Input[Model], params_yaml: str,
+def synthesize(preprocessed: Input[Dataset], attention: Input[Dataset], fine: Input[Model], params_json: str,
                overrides: str, mlflow_uri: str, pipeline_group: str, synthesized: Output[Dataset],
                metrics: Output[Metrics]):
     """Synthesise the pseudo-healthy version of every vertebra."""
     from healthivert.stages.submit import run_step
 
     run_step(["synthesize", "--data", preprocessed.path, "--attention", attention.path, "--model", fine.path,
-              "--out", synthesized.path], params_yaml, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
+              "--out", synthesized.path], params_json, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
 
 
-def rhlv(preprocessed: Input[Dataset], synthesized: Input[Dataset], params_yaml: str, overrides: str,
+def rhlv(preprocessed: Input[Dataset], synthesized: Input[Dataset], params_json: str, overrides: str,
          mlflow_uri: str, pipeline_group: str, rhlv_data: Output[Dataset], metrics: Output[Metrics]):
     """Relative height loss (RHLV) of every vertebra."""
     from healthivert.stages.submit import run_step
 
     run_step(["rhlv", "--data", preprocessed.path, "--synth", synthesized.path, "--out", rhlv_data.path],
-             params_yaml, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
+             params_json, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
 
 
-def svm_fit(rhlv_data: Input[Dataset], params_yaml: str, overrides: str, mlflow_uri: str, pipeline_group: str,
+def svm_fit(rhlv_data: Input[Dataset], params_json: str, overrides: str, mlflow_uri: str, pipeline_group: str,
             svm: Output[Model], metrics: Output[Metrics]):
     """Fit the Genant-grade SVM on the RHLV features."""
     import os
@@ -91,11 +91,11 @@ def svm_fit(rhlv_data: Input[Dataset], params_yaml: str, overrides: str, mlflow_
     from healthivert.stages.submit import run_step
 
     run_step(["svm-fit", "--rhlv", os.path.join(rhlv_data.path, "rhlv.parquet"), "--out", svm.path],
-             params_yaml, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
+             params_json, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
 
 
 def evaluate(preprocessed: Input[Dataset], synthesized: Input[Dataset], rhlv_data: Input[Dataset],
-             svm: Input[Model], params_yaml: str, overrides: str, mlflow_uri: str, pipeline_group: str,
+             svm: Input[Model], params_json: str, overrides: str, mlflow_uri: str, pipeline_group: str,
              reports: Output[Dataset], report: Output[HTML], metrics: Output[Metrics]):
     """Metrics, plots and the HTML report (also shown in the Kubeflow UI)."""
     import os
@@ -104,7 +104,7 @@ def evaluate(preprocessed: Input[Dataset], synthesized: Input[Dataset], rhlv_dat
     from healthivert.stages.submit import run_step
 
     run_step(["evaluate", "--data", preprocessed.path, "--synth", synthesized.path, "--rhlv", rhlv_data.path,
-              "--svm", svm.path, "--out", reports.path], params_yaml, overrides.splitlines(), mlflow_uri,
+              "--svm", svm.path, "--out", reports.path], params_json, overrides.splitlines(), mlflow_uri,
              pipeline_group, metrics)
     shutil.copyfile(os.path.join(reports.path, "report.html"), report.path)
 

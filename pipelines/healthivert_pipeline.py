@@ -15,13 +15,14 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_STEPS = ("train-coarse", "train-fine", "synthesize")
 
 
-def build_pipeline(image: str, gpus: int = 1, params_yaml: str = "", mlflow_uri: str = ""):
+def build_pipeline(image: str, gpus: int = 1, params_json: str = "", mlflow_uri: str = ""):
     """The pipeline function for one image.
 
     Args:
         image: container image of every step (``repository:tag``), holding this package.
         gpus: GPUs requested by each of :data:`GPU_STEPS` (0 requests none).
-        params_yaml: default value of the ``params_yaml`` pipeline parameter (a whole params.yaml).
+        params_json: default value of the ``params_json`` pipeline parameter: every parameter as one
+            JSON line (``healthivert.stages.submit.params_json``).
         mlflow_uri: MLflow tracking URI the steps log to (reachable from the cluster); empty switches
             tracking off. When set, the steps group under one MLflow parent run keyed by the KFP job id
             (which also keeps KFP from reusing cached steps across runs).
@@ -31,8 +32,8 @@ def build_pipeline(image: str, gpus: int = 1, params_yaml: str = "", mlflow_uri:
 
     @dsl.pipeline(name="healthivert", description="HealthiVert-GAN: pseudo-healthy vertebra synthesis, RHLV and "
                                                   "Genant grading of vertebral compression fractures")
-    def healthivert(params_yaml: str = params_yaml, overrides: str = ""):
-        common = {"params_yaml": params_yaml, "overrides": overrides, "mlflow_uri": mlflow_uri,
+    def healthivert(params_json: str = params_json, overrides: str = ""):
+        common = {"params_json": params_json, "overrides": overrides, "mlflow_uri": mlflow_uri,
                   "pipeline_group": group}
         raw = steps.phantom(**common).set_display_name("phantom")
         pre = steps.preprocess(raw=raw.outputs["raw"], **common).set_display_name("preprocess")

@@ -60,10 +60,11 @@ def _code_closure(module: str) -> set[Path]:
     todo = [module]
     while todo:
         name = todo.pop()
-        if name in seen or name in NOT_CODE_DEPS or name.startswith("healthivert.tracking."):
+        if not name or name in seen or name in NOT_CODE_DEPS or name.startswith("healthivert.tracking."):
             continue
         seen.add(name)
         todo.extend(_imported_modules(_module_file(name)))
+        todo.append(name.rpartition(".")[0])  # importing a module runs its package's __init__
     return {_module_file(name).relative_to(REPO) for name in seen}
 
 
@@ -121,10 +122,14 @@ def test_outputs_metrics_and_checkpoints() -> None:
     assert produced["checkpoints/train_fine"] == "train_fine"
 
 
-def test_plots_are_declared_from_evaluate() -> None:
-    plots = DVC_YAML["plots"]
-    targets = [next(iter(p)) if isinstance(p, dict) else p for p in plots]
-    assert targets and all(t.startswith("reports/") for t in targets)
+def test_plots_read_what_evaluate_writes() -> None:
+    files = []
+    for plot in DVC_YAML["plots"]:
+        target, options = (plot, {}) if isinstance(plot, str) else next(iter(plot.items()))
+        axes = [axis for axis in (options.get("x"), options.get("y")) if isinstance(axis, dict)]
+        files += [path for axis in axes for path in axis] or [target]
+    evaluate_out = [out for out in STAGES["evaluate"]["outs"] if isinstance(out, str)]
+    assert files and all(any(f.startswith(out + "/") for out in evaluate_out) for f in files)
 
 
 def test_dvc_accepts_the_pipeline() -> None:
@@ -194,11 +199,11 @@ def test_repro_is_incremental_and_tracked(project: tuple[Path, dict[str, str]]) 
     experiment = client.get_experiment_by_name("healthivert")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     parents = [r for r in runs if r.data.tags.get("healthivert.kind") == "pipeline"]
-    stages = [r for r in runs if r.data.tags.get("healthivert.kind") == "stage"]
+    stages = [r for r in runs if r.data.tags.get("healthivert.stage") == "preprocess"]
     assert len(parents) == 2  # the repro, then the experiment (new params digest)
-    assert [r.data.tags["healthivert.stage"] for r in stages] == ["phantom", "preprocess", "preprocess"]
-    assert [r.data.tags["mlflow.parentRunId"] for r in stages] == [parents[0].info.run_id] * 2 + [parents[1].info.run_id]
+    assert [r.data.tags["mlflow.parentRunId"] for r in stages] == [p.info.run_id for p in parents]
     assert all(r.info.status == "FINISHED" for r in stages)
-    assert stages[1].data.tags["dvc.dep.data/raw"] == raw_md5
-    assert stages[1].data.params["preprocess.crop_shape"] == "[64, 64, 16]"
-    assert json.loads(stages[2].data.params["preprocess.hu_window"]) == [-400.0, 1000.0]
+    assert stages[0].data.tags["dvc.dep.data/raw"] == raw_md5
+    assert stages[0].data.tags["git.commit"] != stages[1].data.tags["git.commit"]
+    assert stages[0].data.params["preprocess.crop_shape"] == "[64, 64, 16]"
+    assert json.loads(stages[1].data.params["preprocess.hu_window"]) == [-400.0, 1000.0]

@@ -71,6 +71,13 @@ def test_phantom_is_a_verse_layout(phantom_root: Path) -> None:
         assert case.ct is not None and case.centroids is not None
         assert case.truth_heights is not None and case.healthy_ct is not None and case.healthy_mask is not None
         assert case.subject == case.case_id
+    native = load_case(cases[0], spacing_mm=None)  # reoriented only: the stored, anisotropic voxels
+    stored = load_volume(cases[0].mask, label=True)
+    assert native.labels.orientation == native.ct.orientation == ("I", "P", "L")
+    assert sorted(native.labels.spacing_mm) == pytest.approx(sorted(stored.spacing_mm))
+    assert native.labels.array.size == stored.array.size and native.labels.spacing_mm[1] == native.labels.spacing_mm[2]
+    for vid, point in native.centroids.items():
+        assert native.labels.array[tuple(np.rint(point).astype(int))] == vid
 
 
 def test_verse20_entities_and_mask_only_cases(phantom_root: Path, tmp_path: Path) -> None:
@@ -234,3 +241,17 @@ def test_load_volume_rejects_4d_and_reads_labels_as_int(tmp_path: Path) -> None:
         load_volume(tmp_path / "four.nii.gz")
     path = _grid(tmp_path, "m_msk.nii.gz", _mask().astype(np.float32))
     assert load_volume(path, label=True).array.dtype == np.int32
+
+
+def test_paper_raw_layout_with_a_ct(phantom_root: Path, tmp_path: Path) -> None:
+    source = discover_cases(phantom_root)[1]
+    folder = tmp_path / "raw" / "p1"
+    folder.mkdir(parents=True)
+    shutil.copy(source.ct, folder / "p1.nii.gz")
+    shutil.copy(source.mask, folder / "p1_msk.nii.gz")
+    shutil.copy(source.centroids, folder / "p1.json")
+    (files,) = discover_cases(tmp_path)
+    assert (files.layout, files.ct.name, files.centroids.name) == ("paper", "p1.nii.gz", "p1.json")
+    paper, verse = load_case(files), load_case(source)
+    assert np.array_equal(paper.labels.array, verse.labels.array) and np.array_equal(paper.ct.array, verse.ct.array)
+    assert all(np.allclose(paper.centroids[v], verse.centroids[v]) for v in verse.vertebrae)

@@ -1,6 +1,7 @@
 """MLflow tracking: nested stage runs under one parent per pipeline execution, statuses, lineage, models."""
 
 import json
+import socket
 from pathlib import Path
 
 import mlflow
@@ -10,6 +11,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from healthivert.config import Params, load_params
+from healthivert.errors import ConfigError
 from healthivert.tracking import stage_run
 from healthivert.tracking.pipeline import GROUP_FILE, PIPELINE_GROUP_ENV, PIPELINE_RUN_ENV
 
@@ -143,3 +145,15 @@ def test_models_are_logged_and_registered(workdir: Path, store: str) -> None:
     version = MlflowClient(store).search_model_versions("name = 'healthivert-svm'")[0]
     local = mlflow.artifacts.download_artifacts(version.source, dst_path=str(workdir / "download"))
     assert json.loads((Path(local) / "svm.json").read_text()) == {"C": 1.0}
+
+
+def test_unreachable_store_is_a_one_line_error(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(ConfigError, match="MLflow tracking store unusable") as info, \
+            stage_run("rhlv", _params("unreachable"), ("rhlv",)):
+        pass
+    assert "\n" not in str(info.value) and "tracking.enabled=false" in str(info.value)

@@ -73,3 +73,25 @@ def test_column_heights_counts_voxels_and_empty_mask_is_an_error() -> None:
     assert column_heights(mask, 2.0)[5:41, 20] == pytest.approx(2.0 * profile)
     with pytest.raises(ValueError, match="empty"):
         select_columns(np.zeros((4, 4, 4)))
+
+
+def test_neighbour_baseline_uses_the_adjacent_vertebrae() -> None:
+    from healthivert.geometry.morphometry import ThirdHeights, neighbour_baseline, vertebra_heights
+
+    heights = {19: ThirdHeights(24.0, 24.0, 26.0, 25.0), 20: ThirdHeights(15.0, 20.0, 25.0, 20.0),
+               21: ThirdHeights(26.0, 26.0, 28.0, 27.0)}
+    baseline = neighbour_baseline(heights)
+    assert baseline[20].neighbours == (19, 21)
+    assert baseline[20].expected.as_tuple() == pytest.approx((25.0, 25.0, 27.0))
+    assert (baseline[20].loss_ant, baseline[20].loss_mid) == pytest.approx((0.4, 0.2))
+    assert baseline[19].neighbours == (20,) and baseline[19].loss_ant == pytest.approx(1 - 24 / 15)
+    assert np.isnan(neighbour_baseline({20: heights[20]})[20].loss_ant)
+
+    # on a crop: three stacked bodies, the one cut by the crop's top row is left out
+    crop = np.zeros((70, 50, 50), dtype=np.uint8)
+    for vid, (top, height) in {18: (0, 8), 19: (10, 24), 20: (38, 16), 21: (58, 10)}.items():
+        crop[top:top + height, 5:41, 5:45] = vid
+    measured = vertebra_heights(crop)
+    assert list(measured) == [19, 20, 21]
+    assert measured[20].as_tuple() == pytest.approx((16.0, 16.0, 16.0))
+    assert neighbour_baseline(measured)[20].loss_mid == pytest.approx(1 - 16 / 17)

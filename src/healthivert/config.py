@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from healthivert.errors import ConfigError
 
@@ -44,7 +44,26 @@ class PhantomParams(Section):
     noise_hu: float = Field(20.0, ge=0.0)
     normal_deformity_share: float = Field(0.4, ge=0.0, le=1.0)
     fov_mm: tuple[float, float] = (170.0, 130.0)
-    orientations: tuple[str, ...] = ("RAS", "LPS", "PIR", "IPL", "LAS")
+    orientations: tuple[str, ...] = Field(("RAS", "LPS", "PIR", "IPL", "LAS"), min_length=1)
+
+    @field_validator("orientations")
+    @classmethod
+    def _axis_codes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for code in value:
+            pairs = sorted(next((n for n, pair in enumerate(("LR", "AP", "SI")) if c in pair), -1) for c in code.upper())
+            if pairs != [0, 1, 2]:
+                raise ValueError(f"'{code}' is not an orientation like RAS, LPS or IPL")
+        return tuple(code.upper() for code in value)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "PhantomParams":
+        if not 1 <= self.vertebrae_per_case[0] <= self.vertebrae_per_case[1] <= 12:
+            raise ValueError("vertebrae_per_case must be (min, max) with 1 <= min <= max <= 12 (T6..L5)")
+        if min(self.grade_weights) < 0 or sum(self.grade_weights) <= 0:
+            raise ValueError("grade_weights must be non-negative with a positive sum")
+        if not 0.0 < self.spacing_mm_range[0] <= self.spacing_mm_range[1]:
+            raise ValueError("spacing_mm_range must be (min, max) with 0 < min <= max")
+        return self
 
 
 class SplitParams(Section):
@@ -69,7 +88,14 @@ class PreprocessParams(Section):
 
 # -------------------------------------------------------------------------------------------- model
 class NetworkSize(Section):
-    """Widths of one named configuration of the networks."""
+    """Widths of one named configuration of the networks.
+
+    Attributes:
+        cnum: generator base width (the paper's network: 16).
+        disc_channels: first-layer width of each PatchGAN discriminator (the paper: 64).
+        disc_layers: stride-2 layers of each discriminator (3: 70x70 patches).
+        classifier_channels: first-block width of the fracture classifier (HGAM).
+    """
 
     cnum: int = Field(gt=0)
     disc_channels: int = Field(gt=0)
@@ -78,7 +104,16 @@ class NetworkSize(Section):
 
 
 class ModelParams(Section):
-    """Generator and discriminator architecture, shared by training and synthesis."""
+    """Generator and discriminator architecture, shared by training and synthesis.
+
+    Attributes:
+        size: which entry of ``sizes`` to build (``full`` = the paper's widths, ``cpu`` = half).
+        max_height_px: rows of the fixed-height gap; the SHRM predicts heights in ``(0, max_height_px)``.
+        edge_module: Edge-Enhancing Module loss (EEM) on or off.
+        height_module: SHRM height heads and re-assembly at the predicted height; off keeps the band.
+        attention_module: HGAM (``1 - Grad-CAM++``) input of the generator decoders.
+        contextual_attention: the fine stage's contextual-attention branch (off: dilated branch only).
+    """
 
     size: Literal["cpu", "full"] = "cpu"
     sizes: dict[str, NetworkSize] = {
@@ -91,6 +126,12 @@ class ModelParams(Section):
     attention_module: bool = True
     contextual_attention: bool = True
 
+    @model_validator(mode="after")
+    def _size_is_defined(self) -> ModelParams:
+        if self.size not in self.sizes:
+            raise ValueError(f"size '{self.size}' is not among sizes {sorted(self.sizes)}")
+        return self
+
     @property
     def network(self) -> NetworkSize:
         """The widths of the selected configuration."""
@@ -100,12 +141,12 @@ class ModelParams(Section):
 class LossWeights(Section):
     """Weights of the generator's loss terms (0 switches a term off)."""
 
-    gan: float = 1.0
-    l1: float = 200.0
-    dice_coarse: float = 10.0
-    dice_fine: float = 15.0
-    edge: float = 800.0
-    height: float = 40.0
+    gan: float = Field(1.0, ge=0.0)
+    l1: float = Field(200.0, ge=0.0)
+    dice_coarse: float = Field(10.0, ge=0.0)
+    dice_fine: float = Field(15.0, ge=0.0)
+    edge: float = Field(800.0, ge=0.0)
+    height: float = Field(40.0, ge=0.0)
 
 
 class TrainParams(Section):
@@ -157,6 +198,7 @@ class SynthesizeParams(Section):
     neighbour_min_voxels: int = Field(200, ge=0)
     batch_size: int = Field(32, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 class RhlvParams(Section):

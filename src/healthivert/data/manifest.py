@@ -69,7 +69,8 @@ def _coerce(frame: pd.DataFrame, source: str | os.PathLike[str]) -> pd.DataFrame
     frame = frame.loc[:, list(COLUMNS)].copy()
     for column, dtype in COLUMNS.items():
         try:
-            frame[column] = frame[column].astype(dtype)
+            values = pd.to_numeric(frame[column]) if dtype == "float64" else frame[column]
+            frame[column] = values.astype(dtype)
         except (TypeError, ValueError) as exc:
             raise InputDataError(source, f"manifest column '{column}' is not {dtype}", str(exc).splitlines()[0]) from exc
     bad_split = ~frame["split"].isin(SPLITS)

@@ -16,7 +16,10 @@ from scipy import ndimage
 
 from healthivert.geometry.depedicle import BodyCut, depedicle
 from healthivert.geometry.morphometry import NeighbourBaseline, ThirdHeights, body_heights, neighbour_baseline
-from healthivert.geometry.straighten import StraightenedSpine, StraightenMap, resample, resample_many, straighten
+from healthivert.geometry.straighten import StraightenedSpine, StraightenMap, resample, straighten
+
+#: VerSe id of the sacrum.
+SACRUM = 26
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -24,10 +27,13 @@ class PreparedSpine:
     """A straightened spine with its vertebral bodies isolated.
 
     Attributes:
-        straight: straightened labels (whole vertebrae), CT and the sampling map.
+        straight: straightened labels (whole vertebrae) and the sampling map (no CT: resample it with
+            the map, only where it is needed, see :func:`crop_window`).
         bodies: ``(CC, AP, LR)`` body labels (whole labels when de-pedicling is off).
         cuts: VerSe id -> where its body was cut from the arch.
         order: the usable vertebrae, cranial first.
+        sequence: every vertebra with a body in the straightened grid (usable or not, the sacrum too),
+            cranial first: who is whose neighbour.
         skipped: VerSe id -> why it is not usable (e.g. its body is cut by the scan's border).
     """
 
@@ -36,6 +42,7 @@ class PreparedSpine:
     cuts: dict[int, BodyCut]
     order: list[int]
     skipped: dict[int, str]
+    sequence: list[int]
 
     @property
     def map(self) -> StraightenMap:
@@ -43,11 +50,12 @@ class PreparedSpine:
         return self.straight.map
 
 
-def _incomplete(bodies: np.ndarray, vertebra: int, smap: StraightenMap, input_shape: tuple[int, int, int]) -> str | None:
+def _incomplete(bodies: np.ndarray, box: tuple[slice, ...] | None, vertebra: int, smap: StraightenMap,
+                input_shape: tuple[int, ...]) -> str | None:
     """Why a body cannot be measured whole, or ``None`` when it lies fully in the scan and the grid."""
-    voxels = np.argwhere(bodies == vertebra)
-    if voxels.size == 0:
+    if box is None:
         return "no body voxels after straightening"
+    voxels = np.argwhere(bodies[box] == vertebra) + np.array([b.start for b in box])
     grid = np.asarray(bodies.shape)
     if np.any(voxels.min(axis=0) == 0) or np.any(voxels.max(axis=0) == grid - 1):
         return "body reaches the edge of the straightened field"
@@ -58,7 +66,7 @@ def _incomplete(bodies: np.ndarray, vertebra: int, smap: StraightenMap, input_sh
 
 
 def prepare_spine(labels: np.ndarray, input_spacing_mm: tuple[float, float, float],
-                  centroids: Mapping[int, np.ndarray], ct: np.ndarray | None = None, *,
+                  centroids: Mapping[int, np.ndarray], *,
                   spacing_mm: float = 1.0, width: tuple[int, int] = (192, 96), margin_mm: float = 64.0,
                   remove_arch: bool = True, min_body_mm3: float = 2000.0,
                   fragment_share: float = 0.25) -> PreparedSpine:
@@ -68,7 +76,6 @@ def prepare_spine(labels: np.ndarray, input_spacing_mm: tuple[float, float, floa
         labels: ``IPL`` VerSe label volume of whole vertebrae.
         input_spacing_mm: its voxel size along ``(I, P, L)``.
         centroids: VerSe id -> voxel coordinates ``(I, P, L)`` (at least two).
-        ct: optional ``IPL`` HU volume on the same grid.
         spacing_mm: voxel size of the straightened grid.
         width: AP columns and LR slices of the straightened grid.
         margin_mm: curve continuation beyond the end centroids.
@@ -85,7 +92,7 @@ def prepare_spine(labels: np.ndarray, input_spacing_mm: tuple[float, float, floa
     on_curve = {v: c for v, c in centroids.items() if int(v) in present and volumes_in[int(v)] >= fragment_share * typical}
     if len(on_curve) < 2:
         on_curve = dict(centroids)
-    straight = straighten(labels, input_spacing_mm, on_curve, ct, spacing_mm=spacing_mm, width=width,
+    straight = straighten(labels, input_spacing_mm, on_curve, spacing_mm=spacing_mm, width=width,
                           margin_mm=margin_mm)
     positions = straight.map.to_straight(np.asarray([centroids[v] for v in centroids], dtype=np.float64))
     straight = dataclasses.replace(straight, centroids=dict(zip((int(v) for v in centroids), positions)))
@@ -101,15 +108,21 @@ def prepare_spine(labels: np.ndarray, input_spacing_mm: tuple[float, float, floa
                 for v in centroids if int(v) in present and int(v) not in on_curve}
     volumes = np.bincount(bodies.ravel(), minlength=max(vertebrae, default=0) + 1) * spacing_mm**3
     order = []
-    for vid in sorted(vertebrae, key=lambda v: float(straight.centroids[v][0])):
-        reason = _incomplete(bodies, vid, straight.map, labels.shape)
+    boxes = ndimage.find_objects(bodies)
+    sequence = sorted(vertebrae, key=lambda v: float(straight.centroids[v][0]))
+    for vid in sequence:
+        box = boxes[vid - 1] if vid - 1 < len(boxes) else None
+        reason = _incomplete(bodies, box, vid, straight.map, labels.shape)
+        if reason is None and vid == SACRUM:
+            reason = "the sacrum is not graded (kept as the neighbour of the last lumbar vertebra)"
         if reason is None and volumes[vid] < min_body_mm3:
             reason = f"body of {volumes[vid]:.0f} mm3 is a fragment (< {min_body_mm3:.0f} mm3)"
         if reason is None:
             order.append(vid)
         else:
             skipped[vid] = reason
-    return PreparedSpine(straight, bodies, cuts, order, skipped)
+    sequence = [v for v in sequence if v - 1 < len(boxes) and boxes[v - 1] is not None]
+    return PreparedSpine(straight, bodies, cuts, order, skipped, sequence)
 
 
 def spine_heights(spine: PreparedSpine, central_fraction: float = 0.2,
@@ -128,25 +141,36 @@ def spine_heights(spine: PreparedSpine, central_fraction: float = 0.2,
     return neighbour_baseline(heights)
 
 
-def resample_twin(spine: PreparedSpine, labels: np.ndarray, ct: np.ndarray | None = None,
-                  remove_arch: bool = True, air_hu: float = -1024.0) -> tuple[np.ndarray, np.ndarray | None]:
+def crop_window(origins: list[tuple[int, int, int]], crop_shape: tuple[int, int, int],
+                grid_shape: tuple[int, int, int]) -> tuple[slice, slice]:
+    """The ``(AP, LR)`` ranges of a straightened grid that a set of crops covers (clipped to the grid).
+
+    Resampling the CT only there, rather than over the whole grid, is what keeps preprocessing fast.
+    """
+    starts = np.min(np.asarray(origins), axis=0)
+    stops = np.max(np.asarray(origins), axis=0) + np.asarray(crop_shape)
+    return (slice(int(max(starts[1], 0)), int(min(stops[1], grid_shape[1]))),
+            slice(int(max(starts[2], 0)), int(min(stops[2], grid_shape[2]))))
+
+
+def resample_twin(spine: PreparedSpine, labels: np.ndarray, ct: np.ndarray, window: tuple[slice, slice],
+                  remove_arch: bool = True, air_hu: float = -1024.0) -> tuple[np.ndarray, np.ndarray]:
     """Straighten a second version of the same scan (a phantom's healthy twin) with the same curve.
 
     Args:
         spine: the prepared (fractured) spine whose sampling map is reused.
         labels: ``IPL`` labels of the twin, on the input grid of ``spine``.
-        ct: ``IPL`` HU of the twin, optional.
+        ct: ``IPL`` HU of the twin.
+        window: ``(AP, LR)`` ranges where the CT is needed (see :func:`crop_window`); air elsewhere.
         remove_arch: de-pedicle the twin's labels too.
         air_hu: CT value outside the scan.
 
     Returns:
-        straightened body labels and CT (``None`` without ``ct``).
+        straightened body labels and CT.
     """
     smap = spine.map
-    if ct is None:
-        straight_labels, straight_ct = resample(labels, smap, label=True), None
-    else:
-        straight_labels, straight_ct = resample_many(smap, [(labels, True, 0.0), (ct, False, air_hu)])
+    straight_labels = resample(labels, smap, label=True)
+    straight_ct = resample(ct, smap, label=False, cval=air_hu, window=window)
     if remove_arch:
         straight_labels, _ = depedicle(straight_labels, smap.spacing_mm)
     return straight_labels, straight_ct

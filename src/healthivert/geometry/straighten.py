@@ -76,11 +76,12 @@ class StraightenMap:
         affine[:3, :3] = [[0.0, 0.0, -s], [0.0, -s, 0.0], [-s, 0.0, 0.0]]
         return affine
 
-    def coordinates(self, rows: slice = slice(None)) -> np.ndarray:
-        """Input voxel coordinates of the grid voxels of ``rows``: float32 ``(3, n_rows, AP, LR)``."""
+    def coordinates(self, rows: slice = slice(None), ap_range: slice = slice(None),
+                    lr_range: slice = slice(None)) -> np.ndarray:
+        """Input voxel coordinates of the grid voxels ``[rows, ap_range, lr_range]``: float32 ``(3, rows, AP, LR)``."""
         scale = 1.0 / np.asarray(self.input_spacing_mm)
-        ap = ((np.arange(self.width[0]) - self.centre[0]) * self.spacing_mm).astype(np.float32)
-        lr = ((np.arange(self.width[1]) - self.centre[1]) * self.spacing_mm).astype(np.float32)
+        ap = ((np.arange(self.width[0])[ap_range] - self.centre[0]) * self.spacing_mm).astype(np.float32)
+        lr = ((np.arange(self.width[1])[lr_range] - self.centre[1]) * self.spacing_mm).astype(np.float32)
         points = (self.points_mm[rows] * scale).T.astype(np.float32)  # (3, n) in input voxels
         ap_axes = (self.ap_axes[rows] * scale).T.astype(np.float32)
         lr_axes = (self.lr_axes[rows] * scale).T.astype(np.float32)
@@ -217,7 +218,8 @@ def straighten_map(centroids: Mapping[int, np.ndarray], input_spacing_mm: tuple[
                          tuple(float(s) for s in spacing_in), arc_start)  # type: ignore[arg-type]
 
 
-def resample(array: np.ndarray, smap: StraightenMap, *, label: bool, cval: float = 0.0) -> np.ndarray:
+def resample(array: np.ndarray, smap: StraightenMap, *, label: bool, cval: float = 0.0,
+             window: tuple[slice, slice] | None = None) -> np.ndarray:
     """Resample an input ``IPL`` volume onto the straightened grid.
 
     Args:
@@ -225,31 +227,36 @@ def resample(array: np.ndarray, smap: StraightenMap, *, label: bool, cval: float
         smap: from :func:`straighten_map`.
         label: nearest neighbour (labels keep their dtype) instead of trilinear (returns float32).
         cval: value outside the input (e.g. -1024 HU for CT).
+        window: optionally only these ``(AP, LR)`` ranges of the grid are sampled; the rest is ``cval``.
 
     Returns:
         array of shape ``smap.shape`` (arc, AP, LR).
     """
-    return resample_many(smap, [(array, label, cval)])[0]
+    return resample_many(smap, [(array, label, cval)], window)[0]
 
 
-def resample_many(smap: StraightenMap, volumes: list[tuple[np.ndarray, bool, float]]) -> list[np.ndarray]:
+def resample_many(smap: StraightenMap, volumes: list[tuple[np.ndarray, bool, float]],
+                  window: tuple[slice, slice] | None = None) -> list[np.ndarray]:
     """Resample several volumes of one input grid, computing the sampling coordinates once.
 
     Args:
         smap: from :func:`straighten_map`.
         volumes: ``(array, label, cval)`` per volume, as in :func:`resample`.
+        window: ``(AP, LR)`` ranges of the grid to sample (default: all); the rest is ``cval``.
 
     Returns:
         the straightened arrays, in the order given.
     """
-    outputs = [np.empty(smap.shape, dtype=array.dtype if label else np.float32) for array, label, _ in volumes]
+    ap_range, lr_range = window if window is not None else (slice(None), slice(None))
+    outputs = [np.full(smap.shape, cval, dtype=array.dtype if label else np.float32) for array, label, cval in volumes]
     sources = [array if label else array.astype(np.float32, copy=False) for array, label, _ in volumes]
     for start in range(0, smap.shape[0], _CHUNK_ROWS):
         rows = slice(start, min(start + _CHUNK_ROWS, smap.shape[0]))
-        coordinates = smap.coordinates(rows)
+        coordinates = smap.coordinates(rows, ap_range, lr_range)
         for source, out, (_, label, cval) in zip(sources, outputs, volumes):
-            ndimage.map_coordinates(source, coordinates, output=out[rows], order=0 if label else 1,
-                                    mode="grid-constant", cval=cval, prefilter=False)
+            sampled = ndimage.map_coordinates(source, coordinates, order=0 if label else 1, mode="grid-constant",
+                                              cval=cval, prefilter=False, output=out.dtype)
+            out[rows, ap_range, lr_range] = sampled
     return outputs
 
 

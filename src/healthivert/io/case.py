@@ -32,7 +32,7 @@ class SpineCase:
     """A spine CT (optional) and its vertebra label map on one canonical grid.
 
     All volumes are reoriented to ``IPL`` (axis 0 superior->inferior, axis 1 anterior->posterior,
-    axis 2 right->left) and resampled to the requested isotropic spacing.
+    axis 2 right->left) and resampled to the requested isotropic spacing (or keep the stored one).
 
     Attributes:
         case_id: patient / scan identifier, e.g. ``"sub-verse004"``.
@@ -132,9 +132,10 @@ def _canonical_centroids(stored: Volume, canonical: Volume, centroid_path: Path 
     return centroids
 
 
-def load_case(files: CaseFiles, spacing_mm: float = 1.0) -> SpineCase:
+def load_case(files: CaseFiles, spacing_mm: float | None = 1.0) -> SpineCase:
     """Read one case onto the canonical grid: ``IPL`` orientation, isotropic ``spacing_mm`` voxels.
 
+    With ``spacing_mm=None`` the volumes are only reoriented and keep their stored voxel size.
     The CT is resampled linearly, label maps by nearest neighbour; TotalSegmentator ids become VerSe ids;
     centroids are read and moved onto the new grid, or computed from the mask (centre of mass per label);
     phantom truth (heights table, fracture-free twin) is attached when present.
@@ -167,13 +168,13 @@ def load_case(files: CaseFiles, spacing_mm: float = 1.0) -> SpineCase:
 
 
 def load_mask_case(mask_path: str | os.PathLike[str], ctd_path: str | os.PathLike[str] | None = None,
-                   spacing_mm: float = 1.0, label_scheme: str = "auto") -> SpineCase:
+                   spacing_mm: float | None = 1.0, label_scheme: str = "auto") -> SpineCase:
     """Read a single label map (and optionally its centroid JSON) as a mask-only case on the canonical grid.
 
     Args:
         mask_path: vertebra label map (VerSe or TotalSegmentator ids).
         ctd_path: centroid JSON (VerSe form or the paper's), or ``None`` to compute centroids from the mask.
-        spacing_mm: isotropic voxel size of the result.
+        spacing_mm: isotropic voxel size of the result (``None``: keep the stored one).
         label_scheme: ``verse``, ``totalseg`` or ``auto`` (detected from the ids present).
     """
     mask_path = Path(mask_path)

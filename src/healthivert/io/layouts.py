@@ -83,12 +83,15 @@ def _discover_verse(root: Path) -> list[CaseFiles]:
         ct_candidates = [rawdata / subject / f"{case}_ct{ext}" for ext in _NIFTI]
         ct_candidates += [rawdata / f"{case}_ct{ext}" for ext in _NIFTI]
         truth = root / "truth" / subject
+        ct = _existing(*ct_candidates)
+        if ct is None and rawdata.is_dir():
+            logger.warning("%s: no CT %s_ct.nii.gz under %s; read as a mask-only case", mask, case, rawdata)
         cases.append(CaseFiles(
             case_id=case,
             subject=subject,
             layout="verse",
             mask=mask,
-            ct=_existing(*ct_candidates),
+            ct=ct,
             centroids=_existing(mask.parent / f"{case}_seg-subreg_ctd.json", mask.parent / f"{case}_seg-vert_ctd.json"),
             truth_heights=_existing(truth / f"{case}_heights.csv"),
             healthy_ct=_nifti(truth, f"{case}_healthy-ct"),

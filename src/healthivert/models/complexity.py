@@ -18,8 +18,9 @@ def param_count(model: nn.Module, trainable_only: bool = True) -> int:
 def flops_per_sample(model: nn.Module, image_size: tuple[int, int]) -> float:
     """Forward FLOPs (multiply and add counted separately) of one ``(1, 1, H, W)`` slice.
 
-    Generators run stage ``"fine"`` (coarse + fine) with a centred band of ``max_height_px`` rows;
-    :class:`Discriminators` run all three on a centred band of ``max_height_px`` rows; any other module gets a plain ``(1, 1, H, W)`` input.
+    Generators run stage ``"fine"`` (coarse + fine) and :class:`Discriminators` all three networks,
+    both with a centred band of ``max_height_px`` rows; any other module gets a plain
+    ``(1, 1, H, W)`` input.
 
     Args:
         model: the network (its device is used).

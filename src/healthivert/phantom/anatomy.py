@@ -41,13 +41,14 @@ class Fracture:
         grade: Genant grade 0-3 of the resulting loss.
         scale: amplitude ``k`` of the deformation field (height lost = ``k * shape`` of the healthy height).
         shape_param: wedge: relative loss left at the posterior wall; crush: anterior excess; biconcave: unused.
+        deformity: for ``kind="none"``, the shape of a natural deformity (``none`` when the body is intact).
     """
 
     kind: FractureType = "none"
     grade: int = 0
     scale: float = 0.0
     shape_param: float = 0.0
-    deformity: FractureType = "none"  # shape used when ``kind`` is none but a natural deformity exists
+    deformity: FractureType = "none"
 
     @property
     def shape_kind(self) -> FractureType:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from tqdm import tqdm
 
 from healthivert.config import PhantomParams
-from healthivert.errors import ConfigError
 from healthivert.io.atomic import atomic_dir, atomic_path
 from healthivert.io.case import TRUTH_COLUMNS
 from healthivert.io.centroids import centroids_from_labels, write_centroids
@@ -151,13 +151,11 @@ def case_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def write_dataset(out: str | os.PathLike[str], params: PhantomParams) -> dict[str, float]:
-    """Generate ``params.cases`` cases and write them, with ``grades.csv``, as one atomic folder.
+    """Generate ``params.cases`` cases and write them, with ``grades.csv`` and ``params.yaml``, as one atomic folder.
 
     Returns:
         Summary metrics: cases, vertebrae, fractures per grade, mean generation seconds per case.
     """
-    if params.vertebrae_per_case[0] > params.vertebrae_per_case[1]:
-        raise ConfigError("phantom.vertebrae_per_case", "minimum exceeds maximum")
     out = Path(out)
     grades = []
     seconds = []
@@ -171,6 +169,7 @@ def write_dataset(out: str | os.PathLike[str], params: PhantomParams) -> dict[st
             grades.append(case.truth[["vertebra", "grade"]].assign(case=case.case_id))
         table = pd.concat(grades, ignore_index=True)[["case", "vertebra", "grade"]]
         table.to_csv(tmp / "grades.csv", index=False)
+        (tmp / "params.yaml").write_text(yaml.safe_dump({"phantom": params.model_dump(mode="json")}, sort_keys=False))
     counts = table["grade"].value_counts()
     metrics = {"cases": float(params.cases), "vertebrae": float(len(table)),
                "seconds_per_case": float(np.mean(seconds))}

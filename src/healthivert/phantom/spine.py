@@ -126,7 +126,6 @@ def sample_spine(rng: np.random.Generator, params: PhantomParams) -> SpineLayout
     """
     low, high = params.vertebrae_per_case
     count = int(rng.integers(low, high + 1))
-    count = min(count, LAST_VERTEBRA - FIRST_VERTEBRA[0] + 1)
     first = int(rng.integers(FIRST_VERTEBRA[0], min(FIRST_VERTEBRA[1], LAST_VERTEBRA - count + 1) + 1))
     ids = list(range(first, first + count))
     patient = rng.uniform(0.95, 1.05)

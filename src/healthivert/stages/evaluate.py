@@ -289,8 +289,12 @@ def run(params: Params, data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path, 
                 f"{metrics[f'grading_{method}_{k}']:.3f} ({metrics.get(f'grading_{method}_{k}_ci_low', np.nan):.2f}-"
                 f"{metrics.get(f'grading_{method}_{k}_ci_high', np.nan):.2f})" for k in ("macro_precision", "macro_recall", "macro_f1")),
                 grade_recall_text(metrics, f"grading_{method}_")))
-    generation_rows = [(key.removeprefix("generation_").replace("_", " "), f"{value:.3f}")
-                       for key, value in metrics.items() if key.startswith("generation_")]
+    generation_rows = [
+        (f"{group} vertebrae vs {'healthy truth' if group == 'fractured' else 'reference'} (n={int(metrics[f'generation_{group}_n'])})",
+         f"PSNR {metrics[f'generation_{group}_psnr_db']:.1f} dB, SSIM {metrics[f'generation_{group}_ssim']:.3f}, "
+         f"Dice {metrics[f'generation_{group}_dice']:.3f}, |height error| {metrics[f'generation_{group}_height_error_mm']:.2f} mm "
+         f"(bias {metrics[f'generation_{group}_height_bias_mm']:+.2f} mm)")
+        for group in ("healthy", "fractured") if f"generation_{group}_n" in metrics]
     graded = table["grade"].notna()
     content = ReportContent(
         summary=[("patients", str(table["case"].nunique())), ("vertebrae", str(len(table))),

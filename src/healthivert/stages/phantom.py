@@ -7,8 +7,12 @@ import logging
 from pathlib import Path
 
 from healthivert.config import PhantomParams
+from healthivert.io.case import load_case
+from healthivert.io.layouts import discover_cases
 from healthivert.phantom.generator import write_dataset
+from healthivert.phantom.preview import preview_figure
 from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
+from healthivert.tracking.runs import stage_run
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,12 @@ def execute(args: argparse.Namespace) -> None:
     if args.seed is not None:
         overrides.append(f"phantom.seed={args.seed}")
     args.overrides = overrides
-    params = params_from_args(args).phantom
-    metrics = run(params, args.out)
+    params = params_from_args(args)
+    with stage_run("phantom", params, ("phantom",)) as tracker:
+        metrics = run(params.phantom, args.out)
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(args.out / "grades.csv")
+        if tracker.active:  # a look at the first case, read back through the loader
+            first = load_case(discover_cases(args.out)[0])
+            tracker.log_figure(preview_figure(first), "phantom_preview.png")
     write_metrics(args.metrics, metrics)

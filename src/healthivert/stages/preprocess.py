@@ -25,9 +25,10 @@ from healthivert.config import Params, PreprocessParams, dump_params
 from healthivert.data.manifest import COLUMNS, crop_name, write_manifest
 from healthivert.data.splits import split_patients
 from healthivert.errors import InputDataError
-from healthivert.geometry.crops import VertebraCrop, crop_vertebra
+from healthivert.geometry.crops import crop_origin, crop_vertebra
 from healthivert.geometry.morphometry import heights_on, select_columns
-from healthivert.geometry.spine import prepare_spine, resample_twin
+from healthivert.geometry.spine import crop_window, prepare_spine, resample_twin
+from healthivert.geometry.straighten import resample
 from healthivert.io.atomic import atomic_dir
 from healthivert.io.case import SpineCase, load_case
 from healthivert.io.grades import read_grades
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 FOLDERS = ("ct", "label", "mask", "healthy_ct", "healthy_label")
 SKIPPED_NAME = "skipped.csv"
 _THIRDS = ("ant", "mid", "post")
+AIR_HU = -1024.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,33 +105,36 @@ def preprocess_case(files: CaseFiles, params: PreprocessParams, out: Path) -> _C
     Raises:
         InputDataError: the case has no CT, or too few vertebrae to straighten.
     """
-    if files.ct is None:
+    case = load_case(files, spacing_mm=None)  # native grid: straightening is the only resampling
+    if case.ct is None:
         raise InputDataError(files.mask, f"case '{files.case_id}' has no CT",
                              "preprocess needs the CT beside the mask; the heights tool works on masks alone")
-    case = load_case(files, spacing_mm=None)  # native grid: straightening is the only resampling
     if len(case.centroids) < 2:
         raise InputDataError(files.mask, f"{len(case.centroids)} vertebra(e) in the label map",
                              "at least two are needed to straighten the spine")
-    assert case.ct is not None
     crop_shape = tuple(int(s) for s in params.crop_shape)
-    spine = prepare_spine(case.labels.array, case.labels.spacing_mm, case.centroids, case.ct.array,
+    spine = prepare_spine(case.labels.array, case.labels.spacing_mm, case.centroids,
                           spacing_mm=params.spacing_mm, width=straightened_width(params),
                           margin_mm=crop_shape[0] / 2.0 * params.spacing_mm, remove_arch=params.depedicle)
-    healthy_bodies = healthy_ct = None
-    if case.healthy_labels is not None and case.healthy_ct is not None:
-        healthy_bodies, healthy_ct = resample_twin(spine, case.healthy_labels.array, case.healthy_ct.array,
-                                                   remove_arch=params.depedicle)
-    affine = spine.map.affine()
     result = _CaseResult([], [], [])
     for vid, reason in spine.skipped.items():
         log.warning("%s: vertebra %s skipped: %s", case.case_id, vertebra_name(vid), reason)
         result.skipped.append({"case": case.case_id, "vertebra": vid, "name": vertebra_name(vid), "reason": reason})
+    if not spine.order:
+        return result
+    origins = {vid: crop_origin(spine.bodies, vid, crop_shape) for vid in spine.order}
+    window = crop_window(list(origins.values()), crop_shape, spine.map.shape)
+    ct = resample(case.ct.array, spine.map, label=False, cval=AIR_HU, window=window)
+    healthy_bodies = healthy_ct = None
+    if case.healthy_labels is not None and case.healthy_ct is not None:
+        healthy_bodies, healthy_ct = resample_twin(spine, case.healthy_labels.array, case.healthy_ct.array, window,
+                                                   remove_arch=params.depedicle, air_hu=AIR_HU)
+    affine = spine.map.affine()
     for vid in spine.order:
-        crop: VertebraCrop = crop_vertebra(spine.bodies, vid, spine.order, crop_shape, params.max_height_mm,
-                                           params.spacing_mm, spine.straight.ct, params.hu_window)
+        crop = crop_vertebra(spine.bodies, vid, spine.sequence, crop_shape, params.max_height_mm,
+                             params.spacing_mm, ct, params.hu_window, origin=origins[vid])
         name = crop_name(case.case_id, vid)
         crop_affine = _crop_affine(affine, crop.origin)
-        assert crop.ct is not None
         row: dict[str, object] = {
             "case": case.case_id, "vertebra": vid, "name": vertebra_name(vid),
             "ct_path": _save_crop(out, "ct", name, crop.ct, crop_affine),
@@ -144,9 +149,8 @@ def preprocess_case(files: CaseFiles, params: PreprocessParams, out: Path) -> _C
         }
         row |= _truth_row(case, vid)
         if healthy_bodies is not None and healthy_ct is not None:
-            twin = crop_vertebra(healthy_bodies, vid, spine.order, crop_shape, params.max_height_mm,
+            twin = crop_vertebra(healthy_bodies, vid, spine.sequence, crop_shape, params.max_height_mm,
                                  params.spacing_mm, healthy_ct, params.hu_window, origin=crop.origin)
-            assert twin.ct is not None
             row["healthy_ct_path"] = _save_crop(out, "healthy_ct", name, twin.ct, crop_affine)
             row["healthy_label_path"] = _save_crop(out, "healthy_label", name, twin.labels, crop_affine)
             if "truth_h_ant_mm" in row and (twin.labels == vid).any():
@@ -195,9 +199,9 @@ def run(params: Params, input_dir: Path, out: Path, grades_path: Path | None = N
         if not rows:
             raise InputDataError(input_dir, "no vertebra could be cropped", "see the warnings above for the reasons")
         table = _attach_grades(pd.DataFrame(rows), grades, pp)
-        for column in COLUMNS:
+        for column, dtype in COLUMNS.items():
             if column not in table:
-                table[column] = pd.NA
+                table[column] = pd.Series(index=table.index, dtype=dtype)  # all missing (no phantom truth)
         write_manifest(table, tmp)
         pd.DataFrame(skipped, columns=["case", "vertebra", "name", "reason"]).to_csv(tmp / SKIPPED_NAME, index=False)
         (tmp / "params.yaml").write_text(dump_params(params))

@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from healthivert.config import Params
 from healthivert.errors import ConfigError, InputDataError
 from healthivert.io.atomic import atomic_path
 from healthivert.stages.common import add_params_arguments, params_from_args
@@ -30,14 +32,15 @@ DEFAULT_IMAGE = "ghcr.io/healthivert/healthivert"
 DEFAULT_TAG = "0.1.0-cuda"
 
 
-def run_step(command: Sequence[str], params_yaml: str, overrides: Sequence[str] = (),
+def run_step(command: Sequence[str], params_json: str, overrides: Sequence[str] = (),
              tracking_uri: str = "", pipeline_group: str = "", metrics_out: Any = None) -> dict[str, float]:
-    """Run one stage command in-process the way a Kubeflow step does; return its metrics.
+    """Run one stage command in-process the way a Kubeflow step does; return its finite metrics.
 
     Args:
         command: the subcommand and its path arguments, e.g. ``["rhlv", "--data", ..., "--out", ...]``.
-        params_yaml: the full parameter file content (a pipeline parameter).
-        overrides: ``section.key=value`` assignments applied on top.
+        params_json: all parameters as one JSON line (a pipeline parameter; JSON is YAML, so it is
+            read like any parameter file).
+        overrides: ``section.key=value`` assignments applied on top (blank entries ignored).
         tracking_uri: MLflow tracking URI; empty switches tracking off for the step.
         pipeline_group: id shared by the steps of one pipeline run (their MLflow parent run's tag).
         metrics_out: a KFP ``Metrics`` artifact (anything with ``log_metric(name, value)``) that
@@ -51,11 +54,12 @@ def run_step(command: Sequence[str], params_yaml: str, overrides: Sequence[str] 
 
     with tempfile.TemporaryDirectory(prefix="healthivert-step-") as scratch:
         params_file = Path(scratch) / "params.yaml"
-        params_file.write_text(params_yaml)
+        params_file.write_text(params_json)
         metrics_file = Path(scratch) / "metrics.json"
         argv = [*command, "--params", str(params_file), "--metrics", str(metrics_file)]
         for assignment in overrides:
-            argv += ["--set", assignment]
+            if assignment.strip():
+                argv += ["--set", assignment.strip()]
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
             if pipeline_group:
@@ -66,11 +70,17 @@ def run_step(command: Sequence[str], params_yaml: str, overrides: Sequence[str] 
         if code != 0:
             raise RuntimeError(f"healthivert {command[0]} exited with code {code}")
         written = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-    metrics = {key: float(value) for key, value in written.items() if isinstance(value, (int, float))}
+    metrics = {key: float(value) for key, value in written.items()
+               if isinstance(value, (int, float)) and math.isfinite(value)}
     if metrics_out is not None:
         for key, value in metrics.items():
             metrics_out.log_metric(key, value)
     return metrics
+
+
+def params_json(params: Params) -> str:
+    """All parameters as one JSON line (a multi-line default would break the KFP file's header comment)."""
+    return json.dumps(params.model_dump(mode="json"), sort_keys=False)
 
 
 def load_pipeline_module(path: Path) -> ModuleType:
@@ -95,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-name", help="name of the KFP run (default: KFP's)")
     parser.add_argument("--pipeline", type=Path, default=DEFAULT_PIPELINE_FILE, metavar="FILE",
                         help=f"pipeline definition (default: {DEFAULT_PIPELINE_FILE})")
-    add_params_arguments(parser)  # resolved and validated here; the result is the run's params_yaml
+    add_params_arguments(parser)  # resolved and validated here; the result is the run's params_json
     parser.add_argument("--image", default=DEFAULT_IMAGE, help=f"container image of every step (default: {DEFAULT_IMAGE})")
     parser.add_argument("--tag", default=DEFAULT_TAG, help=f"image tag (default: {DEFAULT_TAG})")
     parser.add_argument("--gpus", type=int, default=1, metavar="N",
@@ -108,14 +118,12 @@ def execute(args: argparse.Namespace) -> None:
     """Compile the pipeline; unless ``--compile-only``, submit it to ``--host``."""
     from kfp import compiler
 
-    from healthivert.config import dump_params
-
     if args.gpus < 0:
         raise ConfigError("--gpus", f"must be 0 or more, got {args.gpus}")
     params = params_from_args(args)  # validated before anything is compiled or sent
     module = load_pipeline_module(args.pipeline)
     build: Callable = module.build_pipeline
-    pipeline = build(image=f"{args.image}:{args.tag}", gpus=args.gpus, params_yaml=dump_params(params),
+    pipeline = build(image=f"{args.image}:{args.tag}", gpus=args.gpus, params_json=params_json(params),
                      mlflow_uri=args.mlflow_uri)
     if args.compile_only:
         with atomic_path(args.compile_only) as tmp:

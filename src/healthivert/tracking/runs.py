@@ -16,9 +16,13 @@ import os
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from healthivert.config import Params
+from healthivert.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +157,25 @@ class StageTracker:
             log.info("registered %s version %s", registered_name, version.version)
 
 
-def _experiment_id(client: Any, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = os.environ.get(ARTIFACT_LOCATION_ENV)
-    if location is None and not client.tracking_uri.startswith(("http://", "https://")):
-        location = Path(LOCAL_ARTIFACT_FOLDER).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created (with its artifact location) when new.
+
+    Raises:
+        ConfigError: the tracking store cannot be reached or used.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = os.environ.get(ARTIFACT_LOCATION_ENV)
+        if location is None and not client.tracking_uri.startswith(("http://", "https://")):
+            location = Path(LOCAL_ARTIFACT_FOLDER).resolve().as_uri()
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:
+        raise ConfigError(client.tracking_uri, f"MLflow tracking store unusable: {str(exc).splitlines()[0]}",
+                          "check MLFLOW_TRACKING_URI or set tracking.enabled=false") from exc
 
 
 def _section_tree(params: Params, sections: tuple[str, ...]) -> dict[str, Any]:

@@ -9,6 +9,8 @@ differs from the current parameters'.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import pickle
@@ -63,6 +65,21 @@ def _decode_rng(encoded: dict[str, Any]) -> dict[str, Any]:
     n = encoded["numpy"]
     rng["numpy"] = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
     return rng
+
+
+def digest_of(*parts: Any) -> str:
+    """Short stable hash of JSON-able parts (parameters, data hashes) identifying a run."""
+    payload = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """Short SHA-256 of a file's bytes (the manifest, a starting model)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def save_checkpoint(folder: str | os.PathLike[str], checkpoint: Checkpoint) -> Path:

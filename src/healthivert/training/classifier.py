@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from healthivert.config import ClassifierParams, ModelParams
+from healthivert.data.dataset import ClassifierDataset, View
 from healthivert.models.classifier import FractureClassifier
 from healthivert.models.gradcam import attention_maps
-from healthivert.training.loop import MetricSink, move_to
-from healthivert.training.runtime import Runtime
+from healthivert.training.loop import LoopSettings, MetricSink, fit, move_to
+from healthivert.training.runtime import Runtime, seed_everything
 from healthivert.training.schedule import adam
 
 log = logging.getLogger(__name__)
@@ -104,3 +108,35 @@ def attention_volume(classifier: FractureClassifier, ct_u8: np.ndarray, device: 
     slices = (slices / 127.5 - 1.0).unsqueeze(1).to(device)
     maps = attention_maps(classifier, slices, batch_size=batch_size)
     return np.moveaxis(maps[:, 0].float().cpu().numpy(), 0, 2).astype(np.float32)
+
+
+def train_classifier(manifest: pd.DataFrame, root: Path, model_params: ModelParams, params: ClassifierParams,
+                     view: View, runtime: Runtime, checkpoint_dir: Path, digest: str,
+                     sink: MetricSink | None = None) -> tuple[FractureClassifier, dict[str, float]]:
+    """Train the fracture classifier on the train split's graded vertebrae (grade >= 1 = fractured).
+
+    Validation (balanced accuracy) uses the val split's central slices when it has graded vertebrae.
+
+    Returns:
+        The trained classifier (on the runtime's device) and its final metrics (``classifier/...``).
+
+    Raises:
+        InputDataError: the train split has no graded vertebra.
+    """
+    seed_everything(params.seed)
+    train_rows = manifest[manifest["split"] == "train"]
+    settings = LoopSettings(epochs=params.epochs, steps_per_epoch=params.steps_per_epoch, batch_size=params.batch_size,
+                            checkpoint_every=params.steps_per_epoch, seed=params.seed)
+    train = ClassifierDataset(train_rows, root, view, params.seed,
+                              samples_per_epoch=settings.samples_per_epoch(runtime.world_size))
+    val_rows = manifest[(manifest["split"] == "val") & manifest["grade"].notna()]
+    validation = None
+    if not val_rows.empty:
+        validation = DataLoader(ClassifierDataset(val_rows, root, view, params.seed, slice_ratios=(-0.3, 0.0, 0.3)),
+                                batch_size=params.batch_size)
+    task = ClassifierTask(FractureClassifier(model_params), params.lr, 0.9, runtime, validation)
+    result = fit(task, train, settings, runtime, checkpoint_dir, digest, sink, description="classifier")
+    metrics = {f"classifier/{k}": v for k, v in result.last_losses.items()}
+    if result.history:
+        metrics.update({f"classifier/{k}": v for k, v in result.history[-1].items() if k != "epoch"})
+    return task.classifier, metrics

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from matplotlib.figure import Figure
 
+from healthivert.io.atomic import atomic_path
 from healthivert.training.baselines import Prediction
+from healthivert.training.loop import MetricSink
 
 
 def sample_grid(batch: dict[str, torch.Tensor], prediction: Prediction, count: int = 4, title: str = "") -> Figure:
@@ -45,3 +50,28 @@ def sample_grid(batch: dict[str, torch.Tensor], prediction: Prediction, count: i
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return figure
+
+
+class FolderSink:
+    """A metric sink that also keeps every figure as a PNG in a folder (atomically), then forwards it.
+
+    Args:
+        folder: where figures go (``name`` may contain sub-folders).
+        inner: the sink to forward metrics and figures to (e.g. a ``StageTracker``), or ``None``.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], inner: MetricSink | None = None) -> None:
+        self.folder = Path(folder)
+        self.inner = inner
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Forward metrics."""
+        if self.inner is not None:
+            self.inner.log_metrics(metrics, step=step)
+
+    def log_figure(self, figure: Figure, name: str) -> None:
+        """Save ``figure`` as ``folder/name`` and forward it."""
+        with atomic_path(self.folder / name) as tmp:
+            figure.savefig(tmp, dpi=100, format="png")
+        if self.inner is not None:
+            self.inner.log_figure(figure, name)

@@ -1,0 +1,220 @@
+"""Iterative 2.5D synthesis of a pseudo-healthy vertebra (section 5 of the method), batched.
+
+Crops are ``(CC, AP, LR)`` (``IPL``: row 0 cranial, column 0 anterior, slice 0 right). A *sagittal*
+slice is ``crop[:, :, k]``, a *coronal* one ``crop[:, j, :]``; rows are always cranio-caudal.
+
+For every slice in the central ``slice_fraction`` of the target's extent across the slicing axis:
+first the vertebra above is synthesised (where it has more than ``neighbour_min_voxels`` voxels in
+the slice) and put back in the slice, then the vertebra below on that result, then the target on
+that result, so a fractured neighbour cannot distort the target's restored height. Each step runs
+all slices of the vertebra through the generator in one batch (chunks of ``batch_size``). Each
+synthesised slice is re-assembled at the predicted healthy height: the context above and below is
+shifted to meet the generated band, for the CT and the labels alike.
+
+With two views, the CT intensities and the target probabilities of the views are averaged where
+both synthesised a voxel; slices outside the synthesised range keep the original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from healthivert.config import SynthesizeParams
+from healthivert.data.samples import assembly_rows, close_up, make_sample
+from healthivert.models.generator import HealthiVertGenerator
+
+#: axes order that puts a view's slicing axis last: sagittal slices along LR, coronal along AP.
+VIEW_AXES = {"sagittal": (0, 1, 2), "coronal": (0, 2, 1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisResult:
+    """The pseudo-healthy crop of one target vertebra.
+
+    Attributes:
+        ct: uint8 windowed CT ``(CC, AP, LR)``, synthesised slices fused over the views.
+        label: uint8 ``(CC, AP, LR)``: the target's VerSe id where the pseudo-healthy vertebra is.
+        predicted_height_mm: mean healthy height the generator predicted for the target.
+        slices: number of target slices synthesised, all views together.
+    """
+
+    ct: np.ndarray
+    label: np.ndarray
+    predicted_height_mm: float
+    slices: int
+
+
+@dataclasses.dataclass
+class _ViewResult:
+    ct: np.ndarray          # float32 0..255, in the view's layout
+    probability: np.ndarray  # float32 target probability, in the view's layout
+    covered: np.ndarray     # bool per slice index
+    heights: list[float]    # predicted target heights, rows
+
+
+def central_slices(label: np.ndarray, target: int, slice_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Slices (last axis) within the central ``slice_fraction`` of the target's extent, and their ``slice_ratio``.
+
+    Args:
+        label: ``(CC, X, S)`` labels, slicing axis last.
+        target: VerSe id.
+        slice_fraction: the kept part of the extent (0.8: the central 80 %).
+
+    Returns:
+        slice indices and ``|k - centre| / half-extent`` for each.
+    """
+    present = np.flatnonzero((label == target).any(axis=(0, 1)))
+    if present.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    centre = (present[0] + present[-1]) / 2.0
+    half = max((present[-1] - present[0]) / 2.0, 0.5)
+    index = np.arange(present[0], present[-1] + 1)
+    ratio = np.abs(index - centre) / half
+    keep = ratio <= slice_fraction + 1e-9
+    return index[keep], ratio[keep]
+
+
+def _target_rows(label_slice: np.ndarray, vertebra: int, max_height: int) -> tuple[int, int]:
+    """Rows ``[x1, x2)`` of a vertebra in a slice as :func:`make_sample` cuts them (central ``max_height`` rows at most)."""
+    rows = np.flatnonzero((label_slice == vertebra).any(axis=1))
+    x1, x2 = int(rows[0]), int(rows[-1]) + 1
+    if x2 - x1 > max_height:
+        x1 += (x2 - x1 - max_height) // 2
+        x2 = x1 + max_height
+    return x1, x2
+
+
+def _run_generator(generator: HealthiVertGenerator, samples: list[dict[str, np.ndarray]], batch_size: int,
+                   device: torch.device, autocast_dtype: torch.dtype | None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Final CT ``(N, H, W)`` in [-1, 1], target probability ``(N, H, W)`` and height ``(N,)`` of the samples."""
+    cts, segs, heights = [], [], []
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+
+            def stack(key: str) -> torch.Tensor:
+                return torch.from_numpy(np.stack([s[key] for s in chunk])).to(device)
+
+            out = generator(stack("ct"), stack("mask"), stack("slice_ratio"), stack("attention"), stage="fine")
+            cts.append(out.ct[:, 0].float().cpu().numpy())
+            segs.append(out.seg[:, 0].float().cpu().numpy())
+            heights.append(out.height.float().reshape(-1).cpu().numpy())
+    return np.concatenate(cts), np.concatenate(segs), np.concatenate(heights)
+
+
+def _synthesise_step(generator: HealthiVertGenerator, ct: np.ndarray, label: np.ndarray, cam: np.ndarray | None,
+                     vertebra: int, slices: np.ndarray, ratios: np.ndarray, min_voxels: int, max_height: int,
+                     batch_size: int, device: torch.device, autocast_dtype: torch.dtype | None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Synthesise ``vertebra`` in the given slices of ``ct``/``label`` (slicing axis last), in place.
+
+    Returns:
+        the slices done, the vertebra's probability ``(n, H, W)`` in them (0 outside its generated
+        rows) and its predicted heights in rows.
+    """
+    chosen, samples = [], []
+    for k, ratio in zip(slices, ratios):
+        label_slice = label[:, :, k]
+        if np.count_nonzero(label_slice == vertebra) <= min_voxels:
+            continue
+        sample = make_sample(ct[:, :, k], label_slice, vertebra, None if cam is None else cam[:, :, k],
+                             float(ratio), max_height)
+        if sample is not None:
+            chosen.append(int(k))
+            samples.append(sample)
+    n_rows = ct.shape[0]
+    if not samples:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, n_rows, ct.shape[1]), np.float32), np.zeros(0)
+    out_ct, out_seg, heights = _run_generator(generator, samples, batch_size, device, autocast_dtype)
+    bands = torch.from_numpy(np.stack([s["band"] for s in samples]))
+    kept = torch.minimum(torch.round(torch.from_numpy(heights)).long().clamp(min=0), bands[:, 1] - bands[:, 0])
+    context_rows, generated = (t.numpy() for t in assembly_rows(n_rows, bands, kept))
+    probabilities = np.where(generated[:, :, None], out_seg, 0.0).astype(np.float32)
+    for i, k in enumerate(chosen):
+        label_slice = label[:, :, k]
+        band = (int(samples[i]["band"][0]), int(samples[i]["band"][1]))
+        context_label = close_up(label_slice, _target_rows(label_slice, vertebra, max_height), band)[context_rows[i]]
+        context_label[context_label == vertebra] = 0  # rows of a target taller than the gap
+        new_label = np.where(generated[i][:, None], np.where(out_seg[i] > 0.5, vertebra, 0), context_label)
+        label[:, :, k] = new_label.astype(label.dtype)
+        ct[:, :, k] = np.clip((out_ct[i] + 1.0) * 127.5, 0.0, 255.0)
+    return np.asarray(chosen), probabilities, heights
+
+
+def _synthesise_view(generator: HealthiVertGenerator, ct: np.ndarray, label: np.ndarray, cam: np.ndarray | None,
+                     target: int, neighbours: tuple[int, ...], params: SynthesizeParams, max_height: int,
+                     device: torch.device, autocast_dtype: torch.dtype | None) -> _ViewResult:
+    """All steps of one view on ``(CC, X, S)`` arrays (slicing axis last)."""
+    work_ct = ct.astype(np.float32)
+    work_label = label.copy()
+    slices, ratios = central_slices(label, target, params.slice_fraction)
+    steps = [*(n for n in neighbours if params.iterative), target]
+    probability = (label == target).astype(np.float32)
+    covered = np.zeros(label.shape[2], dtype=bool)
+    heights: list[float] = []
+    for vertebra in steps:
+        is_target = vertebra == target
+        done, prob, step_heights = _synthesise_step(
+            generator, work_ct, work_label, cam, vertebra, slices, ratios,
+            0 if is_target else params.neighbour_min_voxels, max_height, params.batch_size, device, autocast_dtype)
+        if is_target and done.size:
+            probability[:, :, done] = np.moveaxis(prob, 0, -1)
+            covered[done] = True
+            heights.extend(float(h) for h in step_heights)
+    return _ViewResult(work_ct, probability, covered, heights)
+
+
+def synthesise_vertebra(generators: Mapping[str, HealthiVertGenerator], ct: np.ndarray, label: np.ndarray,
+                        attention: np.ndarray | None, target: int, neighbours: tuple[int, ...],
+                        params: SynthesizeParams, spacing_cc_mm: float, device: torch.device,
+                        autocast_dtype: torch.dtype | None = None) -> SynthesisResult:
+    """Pseudo-healthy CT and label of one target vertebra of a crop.
+
+    Args:
+        generators: view (``sagittal``/``coronal``) -> generator trained on that view; the views of
+            ``params.views`` are used.
+        ct: windowed CT ``(CC, AP, LR)``, 0..255.
+        label: body labels (VerSe ids) ``(CC, AP, LR)``.
+        attention: Grad-CAM++ map in [0, 1] ``(CC, AP, LR)`` (high = looks fractured), or ``None``.
+        target: the target's VerSe id.
+        neighbours: VerSe ids synthesised first when ``params.iterative`` (above, then below).
+        params: synthesis settings.
+        spacing_cc_mm: cranio-caudal voxel size (for the predicted height in mm).
+        device: where the generators run.
+        autocast_dtype: e.g. ``torch.bfloat16`` for mixed precision, ``None`` for float32.
+    """
+    total_ct = np.zeros(ct.shape, dtype=np.float64)
+    total_probability = np.zeros(ct.shape, dtype=np.float64)
+    weight = np.zeros(ct.shape, dtype=np.float64)
+    heights: list[float] = []
+    slices = 0
+    for view in params.views:
+        generator = generators[view]
+        max_height = generator.params.max_height_px
+        axes = VIEW_AXES[view]
+        result = _synthesise_view(generator, np.transpose(ct, axes), np.transpose(label, axes),
+                                  None if attention is None else np.transpose(attention, axes),
+                                  target, neighbours, params, max_height, device, autocast_dtype)
+        covered = np.broadcast_to(result.covered[None, None, :], result.ct.shape)
+        total_ct += np.transpose(np.where(covered, result.ct, 0.0), axes)
+        total_probability += np.transpose(np.where(covered, result.probability, 0.0), axes)
+        weight += np.transpose(covered, axes)
+        heights.extend(result.heights)
+        slices += int(result.covered.sum())
+    synthesised = weight > 0
+    fused_ct = np.where(synthesised, total_ct / np.maximum(weight, 1), ct)
+    fused_probability = np.where(synthesised, total_probability / np.maximum(weight, 1), label == target)
+    return SynthesisResult(
+        ct=np.clip(np.rint(fused_ct), 0, 255).astype(np.uint8),
+        label=np.where(fused_probability > 0.5, target, 0).astype(np.uint8),
+        predicted_height_mm=float(np.mean(heights) * spacing_cc_mm) if heights else float("nan"),
+        slices=slices,
+    )

@@ -1,0 +1,188 @@
+"""Iterative batched synthesis: slice choice, network calls per step, re-assembly, views, the stage."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from healthivert.config import ModelParams, SynthesizeParams
+from healthivert.io.nifti import load_volume, save_volume
+from healthivert.models import HealthiVertGenerator, save_generator
+from healthivert.synthesis.index import read_index
+from healthivert.synthesis.iterative import central_slices, synthesise_vertebra
+from test_rhlv_stage import IPL, NO_PARAMS, main, write_crops
+
+HEIGHT = 20  # rows the generators below predict
+
+
+def fixed_height_generator(height: float = HEIGHT, seed: int = 0) -> HealthiVertGenerator:
+    """A small untrained generator whose SHRM heads predict exactly ``height`` rows and whose fine
+    segmentation marks every generated pixel as the vertebra (its CT stays untrained)."""
+    torch.manual_seed(seed)
+    generator = HealthiVertGenerator(ModelParams(size="cpu", max_height_px=40, contextual_attention=False))
+    with torch.no_grad():
+        for head in (generator.coarse_height_head, generator.fine_height_head):
+            head.linear.weight.zero_()
+            head.linear.bias.fill_(math.log(height / (40 - height)))  # sigmoid^-1(height / 40)
+        generator.fine.seg_head.weight.zero_()
+        generator.fine.seg_head.bias.fill_(20.0)
+    return generator.eval()
+
+
+def count_calls(generator: HealthiVertGenerator) -> list[int]:
+    """Batch sizes of every forward call of ``generator``, appended as they happen."""
+    calls: list[int] = []
+    generator.register_forward_hook(lambda module, args, output: calls.append(int(args[0].shape[0])))
+    return calls
+
+
+SHAPE = (128, 32, 16)  # (CC, AP, LR): tall enough for 40-row gaps around each of three bodies
+TOPS = (20, 52, 84)     # first rows of the bodies 20, 21 (target) and 22: 24 rows each, 8-row discs
+
+
+def crop(target_rows: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """CT (bone 200 + a row ramp, so rows are distinguishable) and body labels of three box vertebrae.
+
+    The target (21) is ``target_rows`` high, its inferior endplate in place (a crush fracture when < 24).
+    """
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    for vertebra, top in zip((20, 21, 22), TOPS):
+        first = top + 24 - target_rows if vertebra == 21 else top
+        label[first:top + 24, 6:27, 3:13] = vertebra
+    ct = np.where(label > 0, 200, 40).astype(np.float32) + np.arange(SHAPE[0], dtype=np.float32)[:, None, None] * 0.25
+    return ct, label
+
+
+def test_central_slices_cover_the_central_part_of_the_extent() -> None:
+    label = np.zeros((4, 4, 30), dtype=np.uint8)
+    label[1, 1, 5:26] = 7  # extent 5..25, centre 15, half-width 10
+    slices, ratios = central_slices(label, 7, 0.8)
+    assert slices.tolist() == list(range(7, 24))
+    assert ratios[slices.tolist().index(15)] == 0.0 and ratios.max() == pytest.approx(0.8)
+    assert central_slices(label, 9, 0.8)[0].size == 0
+
+
+def test_one_network_call_per_step_and_original_outside_the_range() -> None:
+    ct, label = crop()
+    generator = fixed_height_generator()
+    calls = count_calls(generator)
+    params = SynthesizeParams(neighbour_min_voxels=10, batch_size=64)
+    result = synthesise_vertebra({"sagittal": generator}, ct, label, None, 21, (20, 22), params, 1.0, torch.device("cpu"))
+    slices, _ = central_slices(label, 21, 0.8)
+    assert calls == [len(slices)] * 3  # above, below, target: all slices of a step in one batch
+    assert result.slices == len(slices)
+    assert result.predicted_height_mm == pytest.approx(HEIGHT, abs=1e-3)
+    outside = np.setdiff1d(np.arange(16), slices)
+    np.testing.assert_array_equal(result.ct[:, :, outside], np.rint(ct[:, :, outside]).astype(np.uint8))
+    np.testing.assert_array_equal(result.label[:, :, outside], np.where(label[:, :, outside] == 21, 21, 0))
+    assert set(np.unique(result.label)) <= {0, 21}
+    assert result.ct.dtype == np.uint8 and result.ct.shape == ct.shape
+
+
+def test_target_is_reassembled_at_the_predicted_height() -> None:
+    ct, label = crop()
+    params = SynthesizeParams(iterative=False)
+    result = synthesise_vertebra({"sagittal": fixed_height_generator()}, ct, label, None, 21, (20, 22), params, 0.8,
+                                 torch.device("cpu"))
+    assert result.predicted_height_mm == pytest.approx(HEIGHT * 0.8, abs=1e-3)
+    k = 8
+    # target rows 52..75 -> gap 44..83; the HEIGHT generated rows are centred on it: 54..73
+    synthesised_rows = np.flatnonzero((result.label[:, :, k] == 21).any(axis=1))
+    assert synthesised_rows.tolist() == list(range(54, 74))
+    # the context is shifted to meet them: 2 rows down above the target, 2 rows up below it
+    np.testing.assert_allclose(result.ct[34:54, :, k], ct[32:52, :, k], atol=0.5)
+    np.testing.assert_allclose(result.ct[74:100, :, k], ct[76:102, :, k], atol=0.5)
+    # a slice outside the synthesised range is the original
+    np.testing.assert_allclose(result.ct[:, :, 3], ct[:, :, 3], atol=0.5)
+
+
+def test_iterative_steps_move_the_target_with_its_restored_neighbour() -> None:
+    ct, label = crop()
+    generator = fixed_height_generator()
+    calls = count_calls(generator)
+    params = SynthesizeParams(neighbour_min_voxels=10, batch_size=64)
+    k = 8
+    # the vertebra above (rows 20..43, predicted 20 rows) is restored first, keeping its gap's centre:
+    # what lies below it moves up 2 rows, so the target's gap is 42..81 and its generated rows 52..71
+    above_only = synthesise_vertebra({"sagittal": generator}, ct, label, None, 21, (20,), params, 1.0, torch.device("cpu"))
+    assert np.flatnonzero((above_only.label[:, :, k] == 21).any(axis=1)).tolist() == list(range(52, 72))
+    # restoring the vertebra below as well moves the target back down 2 rows
+    both = synthesise_vertebra({"sagittal": generator}, ct, label, None, 21, (20, 22), params, 1.0, torch.device("cpu"))
+    assert np.flatnonzero((both.label[:, :, k] == 21).any(axis=1)).tolist() == list(range(54, 74))
+    assert calls == [8, 8, 8, 8, 8]
+
+
+def test_neighbours_are_skipped_when_small_or_not_iterative() -> None:
+    ct, label = crop()
+    generator = fixed_height_generator()
+    calls = count_calls(generator)
+    synthesise_vertebra({"sagittal": generator}, ct, label, None, 21, (20, 22),
+                        SynthesizeParams(neighbour_min_voxels=10_000), 1.0, torch.device("cpu"))
+    synthesise_vertebra({"sagittal": generator}, ct, label, None, 21, (20, 22),
+                        SynthesizeParams(iterative=False), 1.0, torch.device("cpu"))
+    assert len(calls) == 2
+
+
+def test_two_views_are_fused() -> None:
+    ct, label = crop()
+    sagittal, coronal = fixed_height_generator(seed=1), fixed_height_generator(seed=2)
+    calls = count_calls(coronal)
+    params = SynthesizeParams(views=("sagittal", "coronal"), iterative=False, batch_size=8)
+    both = synthesise_vertebra({"sagittal": sagittal, "coronal": coronal}, ct, label, None, 21, (), params, 1.0,
+                               torch.device("cpu"))
+    only_sagittal = synthesise_vertebra({"sagittal": sagittal}, ct, label, None, 21, (),
+                                        SynthesizeParams(iterative=False), 1.0, torch.device("cpu"))
+    ap_slices, _ = central_slices(np.transpose(label, (0, 2, 1)), 21, 0.8)
+    assert sum(calls) == len(ap_slices) and max(calls) <= 8  # coronal slices, in chunks of batch_size
+    assert both.slices == only_sagittal.slices + len(ap_slices)
+    assert not np.array_equal(both.ct, only_sagittal.ct)
+    # a voxel only the coronal view synthesised (LR slice outside the sagittal range) differs from the original
+    lr_outside = 3
+    assert not np.array_equal(both.ct[14:54, ap_slices, lr_outside], np.rint(ct[14:54, ap_slices, lr_outside]))
+
+
+@pytest.fixture()
+def model_and_data(tmp_path: Path) -> tuple[Path, Path, Path]:
+    data = tmp_path / "data"
+    manifest = write_crops(data, [("sub-a", "train", 21, (0.5, 0.25, 0.0)), ("sub-b", "test", 21, (0.0, 0.0, 0.0))])
+    attention = tmp_path / "attention"
+    for row in manifest.itertuples():
+        cam = np.zeros((64, 32, 16), dtype=np.float32)
+        cam[26:42, 6:13] = 0.9
+        save_volume(attention / f"{row.case}_{row.vertebra}.nii.gz", cam, IPL)
+    model = tmp_path / "model"
+    generator = fixed_height_generator()
+    save_generator(model / "generator.pt", generator, generator.params, {"view": "sagittal"})
+    return data, attention, model
+
+
+def test_stage_writes_crops_and_index(model_and_data: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    data, attention, model = model_and_data
+    out = tmp_path / "synth"
+    argv = ["synthesize", "--data", str(data), "--attention", str(attention), "--model", str(model), "--out", str(out),
+            "--set", "model.contextual_attention=false", "--set", "synthesize.neighbour_min_voxels=10", *NO_PARAMS]
+    assert main(argv) == 0
+    index = read_index(out)
+    assert index[["case", "vertebra"]].values.tolist() == [["sub-a", 21], ["sub-b", 21]]
+    assert np.allclose(index["predicted_height_mm"], HEIGHT, atol=1e-3)
+    original = load_volume(data / "ct" / "sub-a_21.nii.gz")
+    synthesised = load_volume(out / "ct" / "sub-a_21.nii.gz")
+    assert synthesised.shape == original.shape and np.allclose(synthesised.affine, original.affine)
+    label = load_volume(out / "label" / "sub-a_21.nii.gz", label=True).array
+    assert set(np.unique(label)) <= {0, 21}
+    assert np.array_equal(label[:, :, 3] == 21, load_volume(data / "label" / "sub-a_21.nii.gz", label=True).array[:, :, 3] == 21)
+
+
+def test_missing_view_model_is_one_line(model_and_data: tuple[Path, Path, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    data, attention, model = model_and_data
+    argv = ["synthesize", "--data", str(data), "--attention", str(attention), "--model", str(model),
+            "--out", str(tmp_path / "synth"), "--set", "model.contextual_attention=false",
+            "--set", "synthesize.views=[sagittal, coronal]", *NO_PARAMS]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "generator_coronal.pt: saved generator not found" in error and error.count("\n") == 1
