@@ -7,8 +7,9 @@ straightened grid has ``spacing_mm`` voxels in the same ``IPL`` order: axis 0 = 
 first), axis 1 = the local anterior -> posterior axis, axis 2 = the local right -> left axis, the curve
 running through the grid's central AP column and LR slice.
 
-The moving frame is rotation-minimising (parallel transport of the scan's AP axis along the curve)
-rather than the Frenet frame: the Frenet normal points to the centre of curvature, so it flips by
+The moving frame is rotation-minimising: at the curve's midpoint its AP axis is the scan's AP axis
+(projected onto the plane normal to the curve) and its LR axis the scan's right -> left axis, and
+from there it is parallel-transported along the curve in both directions. It is not the Frenet frame: the Frenet normal points to the centre of curvature, so it flips by
 180 degrees at every inflection point of the spine (cervico-thoracic and thoraco-lumbar junctions) and
 is undefined where the spine is straight.
 

@@ -77,6 +77,16 @@ def _tallest(heights: np.ndarray, selection: ColumnSelection) -> np.ndarray:
     return tallest
 
 
+def _bounding_box(syn: np.ndarray, ori: np.ndarray) -> tuple[slice, slice, slice]:
+    """Bounding box of both masks: everything measured is inside, and measuring it there is much faster."""
+    union = np.logical_or(syn, ori)
+    box = []
+    for axis in range(3):
+        present = np.flatnonzero(union.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(present[0]), int(present[-1]) + 1) if present.size else slice(0, 0))
+    return box[0], box[1], box[2]
+
+
 def _relative_loss(h_syn: float, h_ori: float) -> float:
     if not np.isfinite(h_syn) or h_syn <= 0:
         return float("nan")
@@ -113,6 +123,8 @@ def compute_rhlv(syn: np.ndarray, ori: np.ndarray, spacing_mm: tuple[float, floa
         raise ValueError(f"synthesised mask {syn.shape} and original {ori.shape} differ in shape")
     if not np.any(syn) or not np.any(ori):
         raise ValueError("the synthesised or the original mask is empty")
+    box = _bounding_box(syn, ori)
+    syn, ori = syn[box], ori[box]
     syn_h = column_heights(syn, spacing_mm)
     ori_h = column_heights(ori, spacing_mm)
     if column_selection == "healthy":
@@ -174,9 +186,11 @@ def height_loss_map(syn: np.ndarray, ori: np.ndarray, spacing_mm: tuple[float, f
         float32 array ``(AP, LR)`` (row 0 anterior, column 0 right); NaN where the synthesised body
         has no voxel.
     """
-    h_syn = column_heights(syn, spacing_mm)
-    h_ori = column_heights(ori, spacing_mm)
+    loss = np.full(syn.shape[1:], np.nan, dtype=np.float32)
+    _, ap, lr = box = _bounding_box(syn, ori)
+    h_syn = column_heights(syn[box], spacing_mm)
+    h_ori = column_heights(ori[box], spacing_mm)
     with np.errstate(invalid="ignore", divide="ignore"):
-        loss = np.where(h_syn > 0, (h_syn - h_ori) / h_syn, np.nan)
-    return loss.astype(np.float32)
+        loss[ap, lr] = np.where(h_syn > 0, (h_syn - h_ori) / h_syn, np.nan)
+    return loss
 
