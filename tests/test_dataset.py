@@ -114,7 +114,8 @@ def test_item_content_and_determinism(boxes: tuple[Path, pd.DataFrame]) -> None:
     ds = SliceDataset(rows, root, "sagittal", root / "attention", MAX_HEIGHT, seed=0, samples_per_epoch=8)
     item = ds[1]
     assert item["ct"].shape == (1, 64, 32) and item["ct"].dtype == torch.float32
-    assert item["band"].tolist() == [24, 40]
+    assert item["band"].tolist() == [24, 40] and item["band"].dtype == torch.int64
+    assert item["height"].shape == () and item["slice_ratio"].shape == ()
     assert int(item["row"]) == 1 and int(item["height"]) == 8          # the grade-1 target lost 2 rows
     assert float(item["mask"].sum()) == MAX_HEIGHT * 32
     assert float(item["ct"][0, 24:40].abs().sum()) == 0.0             # the gap hides the target

@@ -173,6 +173,7 @@ def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return root, env
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_repro_is_incremental_and_tracked(project: tuple[Path, dict[str, str]]) -> None:
     from mlflow.tracking import MlflowClient

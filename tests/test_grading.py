@@ -45,6 +45,7 @@ def rhlv_table(cases: int = 40, per_case: int = 8, noise: float = 0.01, seed: in
             })
     table = pd.DataFrame(rows)
     table["grade"] = table["grade"].astype("Int64")
+    table["rhlv_max"] = table[list(FEATURES)].max(axis=1)
     return table
 
 

@@ -32,7 +32,8 @@ def table_with_baseline(seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed + 1)
     for third in ("ant", "mid", "post"):
         table[f"baseline_loss_{third}"] = table[f"rhlv_{third}"] + rng.normal(0, 0.08, len(table))
-    table.loc[table.index[:3], "baseline_loss_ant"] = np.nan  # no neighbour measured
+    table["baseline_loss_max"] = table[[f"baseline_loss_{t}" for t in ("ant", "mid", "post")]].max(axis=1)
+    table.loc[table.index[:3], ["baseline_loss_ant", "baseline_loss_max"]] = np.nan  # no neighbour measured
     return table
 
 
@@ -42,8 +43,9 @@ def test_svm_fit_writes_models_and_predictions(tmp_path: Path) -> None:
     out = tmp_path / "svm"
     assert main(["svm-fit", "--rhlv", str(path), "--out", str(out), "--metrics", str(tmp_path / "m.json"), *NO_TRACKING]) == 0
     model = load_model(out / "svm.json")
-    assert model.features == ("rhlv_ant", "rhlv_mid", "rhlv_post")
-    assert load_model(out / "baseline_svm.json").features[0] == "baseline_loss_ant"
+    assert model.features == ("rhlv_ant", "rhlv_mid", "rhlv_post", "rhlv_max")
+    assert load_model(out / "baseline_svm.json").features == (
+        "baseline_loss_ant", "baseline_loss_mid", "baseline_loss_post", "baseline_loss_max")
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert len(predictions) == 320
     assert predictions["predicted_baseline"].isna().sum() == 3

@@ -97,6 +97,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_pipeline_runs_locally(tmp_path: Path) -> None:
     from kfp import local

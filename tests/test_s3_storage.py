@@ -138,6 +138,7 @@ def mlflow_server(s3: str, tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_stage_logs_to_a_tracking_server(mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Real stages through the CLI against the server; read back with MlflowClient and from the bucket."""
@@ -149,9 +150,10 @@ def test_stage_logs_to_a_tracking_server(mlflow_server: str, tmp_path: Path, mon
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     tiny = ["--set", "phantom.cases=2", "--set", "phantom.vertebrae_per_case=[3, 3]",
             "--set", "preprocess.crop_shape=[64, 64, 16]", "--set", "tracking.experiment=server"]
-    assert main(["phantom", "--out", "raw", *tiny]) == 0
+    params = ["--params", str(REPO / "params.yaml")]
+    assert main(["phantom", "--out", "raw", *params, *tiny]) == 0
     assert main(["preprocess", "--input", "raw", "--grades", "raw/grades.csv", "--out", "pre",
-                 "--metrics", "preprocess.json", "--params", str(REPO / "params.yaml"), *tiny]) == 0
+                 "--metrics", "preprocess.json", *params, *tiny]) == 0
 
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("server")

@@ -83,6 +83,7 @@ class PreprocessParams(Section):
     max_height_mm: float = Field(40.0, gt=0.0)
     hu_window: tuple[float, float] = (-300.0, 1200.0)
     depedicle: bool = True
+    curve_smoothing_mm: float = Field(0.25, ge=0.0)
     split: SplitParams = SplitParams()
 
 
@@ -176,6 +177,7 @@ class ClassifierParams(Section):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     seed: int = 0
+    cam_slice_step: int = Field(4, ge=1)
 
 
 class TrainCoarseParams(TrainParams):
@@ -210,10 +212,15 @@ class RhlvParams(Section):
 
 
 class SvmFitParams(Section):
-    """Genant grading from RHLV features."""
+    """Genant grading from RHLV features.
+
+    ``features`` are columns of ``rhlv.parquet``. The paper uses ``rhlv_ant, rhlv_mid, rhlv_post``;
+    the default adds ``rhlv_max`` (the worst third), because a Genant grade is a threshold on the
+    largest loss, which a linear SVM cannot form from the three alone.
+    """
 
     protocol: Literal["holdout", "reference_cv"] = "holdout"
-    features: tuple[str, ...] = ("rhlv_ant", "rhlv_mid", "rhlv_post")
+    features: tuple[str, ...] = ("rhlv_ant", "rhlv_mid", "rhlv_post", "rhlv_max")
     c_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
     folds: int = Field(5, ge=2)
     seed: int = 0

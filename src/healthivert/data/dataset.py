@@ -203,7 +203,7 @@ class SliceDataset(Dataset[dict[str, torch.Tensor]]):
             offsets = list(rng.triangular(-spread, 0.0, spread, size=MAX_REDRAWS)) + [0.0]
         sample = self._sample(position, offsets)
         row = self.rows.iloc[position]
-        item = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in sample.items()}
+        item = {key: torch.from_numpy(np.array(value, copy=True)) for key, value in sample.items()}  # scalars stay 0-d
         item["hu_lo"] = torch.tensor(float(row["hu_lo"]))
         item["hu_hi"] = torch.tensor(float(row["hu_hi"]))
         item["spacing_mm"] = torch.tensor(float(row["spacing_mm"]))

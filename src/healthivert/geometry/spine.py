@@ -65,10 +65,42 @@ def _incomplete(bodies: np.ndarray, box: tuple[slice, ...] | None, vertebra: int
     return None
 
 
+def _isolate_bodies(labels: np.ndarray, vertebrae: list[int], spacing_mm: float,
+                    remove_arch: bool) -> tuple[np.ndarray, dict[int, BodyCut]]:
+    """Body labels of ``vertebrae`` in a straightened label volume (whole labels without de-pedicling)."""
+    if remove_arch:
+        bodies, cut_list = depedicle(labels, spacing_mm, vertebrae)
+        return bodies, {cut.vertebra: cut for cut in cut_list}
+    return np.where(np.isin(labels, vertebrae), labels, 0).astype(labels.dtype), {}
+
+
+def _body_centres(bodies: np.ndarray, smap: StraightenMap, input_shape: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """Input voxel coordinates of the centre of every whole vertebral body (sacrum excluded) of a straightened volume.
+
+    The centre is the centre of mass along CC and LR and the middle of the AP extent (which a wedge
+    fracture does not move, unlike the centre of mass).
+    """
+    centres = {}
+    for index, box in enumerate(ndimage.find_objects(bodies)):
+        vid = index + 1
+        if box is None or vid == SACRUM or _incomplete(bodies, box, vid, smap, input_shape) is not None:
+            continue
+        body = bodies[box] == vid
+        rows = np.count_nonzero(body, axis=(1, 2))
+        slices = np.count_nonzero(body, axis=(0, 1))
+        columns = np.flatnonzero(body.any(axis=(0, 2)))
+        centre = np.array([np.average(np.arange(len(rows)), weights=rows) + box[0].start,
+                           (columns[0] + columns[-1]) / 2.0 + box[1].start,
+                           np.average(np.arange(len(slices)), weights=slices) + box[2].start])
+        centres[vid] = smap.to_input(centre[None])[0]
+    return centres
+
+
 def prepare_spine(labels: np.ndarray, input_spacing_mm: tuple[float, float, float],
                   centroids: Mapping[int, np.ndarray], *,
                   spacing_mm: float = 1.0, width: tuple[int, int] = (192, 96), margin_mm: float = 64.0,
-                  remove_arch: bool = True, min_body_mm3: float = 2000.0,
+                  smoothing_mm: float = 0.25, through_bodies: bool = True, remove_arch: bool = True,
+                  min_body_mm3: float = 2000.0,
                   fragment_share: float = 0.25) -> PreparedSpine:
     """Straighten a spine, isolate its bodies and find the vertebrae whose body is whole.
 
@@ -79,6 +111,12 @@ def prepare_spine(labels: np.ndarray, input_spacing_mm: tuple[float, float, floa
         spacing_mm: voxel size of the straightened grid.
         width: AP columns and LR slices of the straightened grid.
         margin_mm: curve continuation beyond the end centroids.
+        smoothing_mm: how far the spine curve may pass from a centroid (0 interpolates them).
+        through_bodies: refit the curve through the centres of the whole bodies found along the first
+            curve (through the centroids) and straighten again. Sampling planes fan out away from a bent
+            curve (by ``1 - curvature x offset``), so bodies 15-20 mm anterior of the whole-vertebra
+            centroids come out taller or shorter; a fracture also shifts its vertebra's centroid and
+            kinks a curve drawn through it. Off: one pass through the centroids (the reference).
         remove_arch: de-pedicle (else the whole labels are used as bodies).
         min_body_mm3: smaller bodies are skipped as fragments.
         fragment_share: labels smaller than this share of the median vertebra are fragments: left off the
@@ -93,16 +131,18 @@ def prepare_spine(labels: np.ndarray, input_spacing_mm: tuple[float, float, floa
     if len(on_curve) < 2:
         on_curve = dict(centroids)
     straight = straighten(labels, input_spacing_mm, on_curve, spacing_mm=spacing_mm, width=width,
-                          margin_mm=margin_mm)
+                          margin_mm=margin_mm, smoothing_mm=smoothing_mm)
+    vertebrae = [int(v) for v in on_curve if (straight.labels == v).any()]
+    bodies, cuts = _isolate_bodies(straight.labels, vertebrae, spacing_mm, remove_arch)
+    if through_bodies:
+        # second pass: the curve through the body centres, so the bodies are not bent by the sampling
+        centres = _body_centres(bodies, straight.map, labels.shape)
+        if len(centres) >= 2:
+            straight = straighten(labels, input_spacing_mm, centres, spacing_mm=spacing_mm, width=width,
+                                  margin_mm=margin_mm, smoothing_mm=smoothing_mm)
+            bodies, cuts = _isolate_bodies(straight.labels, vertebrae, spacing_mm, remove_arch)
     positions = straight.map.to_straight(np.asarray([centroids[v] for v in centroids], dtype=np.float64))
     straight = dataclasses.replace(straight, centroids=dict(zip((int(v) for v in centroids), positions)))
-    vertebrae = [int(v) for v in on_curve if (straight.labels == v).any()]
-    if remove_arch:
-        bodies, cut_list = depedicle(straight.labels, spacing_mm, vertebrae)
-        cuts = {cut.vertebra: cut for cut in cut_list}
-    else:
-        bodies = np.where(np.isin(straight.labels, vertebrae), straight.labels, 0).astype(straight.labels.dtype)
-        cuts = {}
     skipped = {int(v): "not in the label map" for v in centroids if int(v) not in present}
     skipped |= {int(v): f"fragment ({volumes_in[int(v)]:.0f} mm3, typical vertebra {typical:.0f} mm3)"
                 for v in centroids if int(v) in present and int(v) not in on_curve}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from healthivert.config import RhlvParams
+from healthivert.config import PreprocessParams, RhlvParams
 from healthivert.errors import InputDataError
 from healthivert.geometry.spine import prepare_spine, spine_heights
 from healthivert.io.atomic import atomic_path
@@ -58,7 +58,7 @@ def measure_case(case: SpineCase, spacing_mm: float = 1.0, remove_arch: bool = T
         raise InputDataError(case.labels.path or case.case_id, f"{len(case.centroids)} vertebra(e) found",
                              "at least two are needed to straighten the spine")
     spine = prepare_spine(case.labels.array, case.labels.spacing_mm, case.centroids, spacing_mm=spacing_mm,
-                          margin_mm=48.0, remove_arch=remove_arch)
+                          margin_mm=48.0, smoothing_mm=PreprocessParams().curve_smoothing_mm, remove_arch=remove_arch)
     measured = spine_heights(spine, central_fraction, column_threshold)
     rows = []
     nan = math.nan

@@ -115,7 +115,8 @@ def preprocess_case(files: CaseFiles, params: PreprocessParams, out: Path) -> _C
     crop_shape = tuple(int(s) for s in params.crop_shape)
     spine = prepare_spine(case.labels.array, case.labels.spacing_mm, case.centroids,
                           spacing_mm=params.spacing_mm, width=straightened_width(params),
-                          margin_mm=crop_shape[0] / 2.0 * params.spacing_mm, remove_arch=params.depedicle)
+                          margin_mm=crop_shape[0] / 2.0 * params.spacing_mm, smoothing_mm=params.curve_smoothing_mm,
+                          remove_arch=params.depedicle)
     result = _CaseResult([], [], [])
     for vid, reason in spine.skipped.items():
         log.warning("%s: vertebra %s skipped: %s", case.case_id, vertebra_name(vid), reason)

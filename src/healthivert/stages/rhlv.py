@@ -3,6 +3,12 @@
 Reads the preprocessing manifest and the synthesised labels (``--synth``, or with
 ``--healthy-truth`` the phantoms' fracture-free labels, which checks grading independently of the
 GAN) and writes ``rhlv.parquet`` (one row per vertebra) and ``maps/<name>.nii.gz`` + ``.png``.
+
+Columns of ``rhlv.parquet``: ``case, vertebra, name, split, grade, fracture_type``; sagittal
+``rhlv_ant/mid/post/body``, ``rhlv_max`` (worst third), ``shape_ratio``, heights
+``h_syn_*_mm``/``h_ori_*_mm`` (``*`` = ant, mid, post, body); coronal ``rhlv_cor_right/mid/left``;
+the mask-only neighbour baseline ``baseline_loss_ant/mid/post/max``; ``truth_loss_*`` (phantoms,
+else NaN) and ``map_path``.
 """
 
 from __future__ import annotations
@@ -137,7 +143,7 @@ def measure_vertebra(row: pd.Series, data: Path, syn_path: Path, params: Params)
         "case": row["case"], "vertebra": int(row["vertebra"]), "name": row["name"], "split": row["split"],
         "grade": row["grade"], "fracture_type": row["fracture_type"],
         "rhlv_ant": sagittal.ant, "rhlv_mid": sagittal.mid, "rhlv_post": sagittal.post, "rhlv_body": sagittal.body,
-        "shape_ratio": sagittal.shape_ratio,
+        "rhlv_max": max(sagittal.as_tuple()), "shape_ratio": sagittal.shape_ratio,
     }
     for part in ("ant", "mid", "post", "body"):
         record[f"h_syn_{part}_mm"] = getattr(sagittal.syn, f"{part}_mm")
@@ -147,6 +153,7 @@ def measure_vertebra(row: pd.Series, data: Path, syn_path: Path, params: Params)
     baseline = _neighbour_losses(original.array, int(row["vertebra"]), spacing, params)
     for third, value in zip(THIRD_NAMES, baseline):
         record[f"baseline_loss_{third}"] = value
+    record["baseline_loss_max"] = max(baseline) if not np.isnan(baseline).any() else float("nan")
     for third in THIRD_NAMES:
         record[f"truth_loss_{third}"] = row[f"truth_loss_{third}"]
     loss = height_loss_map(syn, ori, spacing)

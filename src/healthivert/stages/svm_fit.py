@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "svm.json"
 BASELINE_MODEL_NAME = "baseline_svm.json"
 PREDICTIONS_NAME = "predictions.parquet"
-BASELINE_FEATURES = ("baseline_loss_ant", "baseline_loss_mid", "baseline_loss_post")
+#: RHLV feature -> the mask-only baseline's counterpart (features without one are left out of the baseline).
+BASELINE_COUNTERPARTS = {f"rhlv_{part}": f"baseline_loss_{part}" for part in ("ant", "mid", "post", "max")}
 KEY_COLUMNS = ("case", "vertebra", "split", "grade")
 
 
@@ -112,11 +113,11 @@ def run(params: Params, rhlv_table: Path, out: Path) -> dict[str, float]:
     result = _fit(table, params, features, rhlv_table)
     metrics = {f"svm_{key}": value for key, value in result.metrics.items()}
     predictions = result.predictions
-    has_baseline = all(c in table.columns for c in BASELINE_FEATURES)
+    baseline_features = tuple(BASELINE_COUNTERPARTS[f] for f in features if f in BASELINE_COUNTERPARTS)
     baseline = None
-    if has_baseline:
-        defined = table.dropna(subset=list(BASELINE_FEATURES))
-        baseline = _fit(defined, params, BASELINE_FEATURES, rhlv_table)
+    if baseline_features and all(c in table.columns for c in baseline_features):
+        defined = table.dropna(subset=list(baseline_features))
+        baseline = _fit(defined, params, baseline_features, rhlv_table)
         metrics.update({f"baseline_{key}": value for key, value in baseline.metrics.items()})
         merged = predictions.merge(baseline.predictions[["case", "vertebra", "predicted"]].rename(
             columns={"predicted": "predicted_baseline"}), on=["case", "vertebra"], how="left")

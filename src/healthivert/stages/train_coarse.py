@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
@@ -33,6 +32,7 @@ from healthivert.data.dataset import attention_path
 from healthivert.data.manifest import MANIFEST_NAME, read_manifest, resolve
 from healthivert.io.atomic import atomic_dir
 from healthivert.io.nifti import load_volume, save_volume
+from healthivert.models.classifier import FractureClassifier
 from healthivert.models.io import save_classifier, save_generator
 from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
 from healthivert.tracking.runs import StageTracker, stage_run
@@ -72,14 +72,14 @@ def barrier(runtime: Runtime) -> None:
         dist.barrier()
 
 
-def write_attention_maps(manifest: pd.DataFrame, data: Path, classifier: torch.nn.Module, runtime: Runtime,
-                         out: Path) -> dict[str, float]:
+def write_attention_maps(manifest: pd.DataFrame, data: Path, classifier: FractureClassifier, runtime: Runtime,
+                         out: Path, slice_step: int) -> dict[str, float]:
     """Grad-CAM++ maps of every crop of the manifest, written whole to ``out`` with ``index.parquet``."""
     records = []
     with atomic_dir(out) as tmp:
         for row in tqdm(manifest.itertuples(index=False), total=len(manifest), desc="attention maps", disable=None):
             ct = load_volume(resolve(data, row.ct_path))  # type: ignore[arg-type]
-            cam = attention_volume(classifier, np.clip(ct.array, 0, 255).astype(np.uint8), runtime.device)  # type: ignore[arg-type]
+            cam = attention_volume(classifier, np.clip(ct.array, 0, 255).astype(np.uint8), runtime.device, slice_step)
             path = attention_path(tmp, row.case, row.vertebra)
             save_volume(path, cam, ct.affine)
             label = load_volume(resolve(data, row.label_path), label=True).array  # type: ignore[arg-type]
@@ -141,7 +141,8 @@ def run(params: Params, data: Path, out: Path, attention_out: Path, checkpoint_d
             checkpoint_dir / "classifier", classifier_digest, sink)
         metrics.update(classifier_metrics)
         if runtime.is_main:
-            metrics.update(write_attention_maps(manifest, data, classifier, runtime, attention_out))
+            metrics.update(write_attention_maps(manifest, data, classifier, runtime, attention_out,
+                                                train.classifier.cam_slice_step))
         barrier(runtime)
         params_digest = training_digest(params, train, "coarse", data_digest, classifier_digest)
         samples = checkpoint_dir / "generator" / SAMPLES

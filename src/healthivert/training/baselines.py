@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from healthivert.data.samples import assemble
 
@@ -54,18 +56,28 @@ def closed_context(real: torch.Tensor, band: torch.Tensor, height: torch.Tensor)
     return out.masked_fill(inside[:, None, :, None], 0.0)
 
 
-def _run_next_to(occupied: torch.Tensor, start: int, step: int) -> tuple[int, int] | None:
-    """First run of occupied rows met walking from ``start`` in direction ``step``: ``(r0, r1)`` half-open."""
-    n = occupied.numel()
-    r = start
-    while 0 <= r < n and not occupied[r]:
-        r += step
-    if not 0 <= r < n:
-        return None
-    end = r
-    while 0 <= end + step < n and occupied[end + step]:
-        end += step
-    return (r, end + 1) if step > 0 else (end, r + 1)
+def _neighbour_spans(mask: np.ndarray, band: tuple[int, int]) -> list[tuple[int, int, np.ndarray]]:
+    """The vertebrae just above and just below the band in a closed-up ``(H, W)`` neighbour mask.
+
+    Each is a connected component (so a tilted neighbour is not merged with the next vertebra even
+    where their rows overlap): the component above the band whose lowest row is closest to it, and
+    the one below whose highest row is. Returns ``(r0, r1, component_mask)`` per neighbour found,
+    rows half-open, cranial one first.
+    """
+    components, count = ndimage.label(mask > 0.5)
+    b0, b1 = band
+    above: tuple[int, int, np.ndarray] | None = None
+    below: tuple[int, int, np.ndarray] | None = None
+    for index, found in enumerate(ndimage.find_objects(components), start=1):
+        if found is None:
+            continue
+        r0, r1 = found[0].start, found[0].stop
+        centre = (r0 + r1) / 2
+        if centre < b0 and (above is None or r1 > above[1]):
+            above = (r0, r1, components == index)
+        elif centre >= b1 and (below is None or r0 < below[0]):
+            below = (r0, r1, components == index)
+    return [span for span in (above, below) if span is not None]
 
 
 def _resize_rows(patch: torch.Tensor, rows: int) -> torch.Tensor:
@@ -94,14 +106,13 @@ def neighbour_fill(ct: torch.Tensor, neighbours: torch.Tensor, band: torch.Tenso
     heights = torch.zeros(ct.shape[0], dtype=ct.dtype, device=ct.device)
     for i in range(ct.shape[0]):
         b0, b1 = (int(v) for v in band[i])
-        occupied = neighbours[i, 0].amax(dim=1) > 0.5
-        runs = [run for run in (_run_next_to(occupied, b0 - 1, -1), _run_next_to(occupied, b1, 1)) if run is not None]
-        if not runs:
+        spans = _neighbour_spans(neighbours[i, 0].detach().cpu().numpy(), (b0, b1))
+        if not spans:
             continue
-        patches = [(ct[i, :, r0:r1], neighbours[i, :, r0:r1]) for r0, r1 in runs]
+        patches = [(ct[i, :, r0:r1], torch.from_numpy(component[r0:r1]).to(ct)[None]) for r0, r1, component in spans]
         if mode == "nearest":
-            gaps = [b0 - runs[0][1], runs[-1][0] - b1] if len(runs) == 2 else [0]
-            patches = [patches[int(torch.tensor(gaps).argmin())]]
+            gaps = [b0 - spans[0][1], spans[-1][0] - b1] if len(spans) == 2 else [0]
+            patches = [patches[int(np.argmin(gaps))]]
         elif mode != "interpolate":
             raise ValueError(f"unknown baseline mode {mode!r}")
         h = min(max_height, round(sum(p[0].shape[1] for p in patches) / len(patches)))

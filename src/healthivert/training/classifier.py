@@ -90,24 +90,38 @@ class ClassifierTask:
         return {f"val/{k}": v for k, v in self.evaluate(self.validation).items()}
 
 
-def attention_volume(classifier: FractureClassifier, ct_u8: np.ndarray, device: torch.device,
+def attention_volume(classifier: FractureClassifier, ct_u8: np.ndarray, device: torch.device, slice_step: int = 1,
                      batch_size: int = 16) -> np.ndarray:
     """Grad-CAM++ map of a whole crop, sagittal slice by sagittal slice.
+
+    The classifier's CAM layer works at 1/8 of the slice resolution, so neighbouring sagittal slices
+    have nearly the same map: with ``slice_step`` > 1 the map is computed on every ``slice_step``-th
+    slice (and the last) and linearly interpolated across left-right in between.
 
     Args:
         classifier: trained fracture classifier.
         ct_u8: ``(CC, AP, LR)`` windowed CT crop (0..255), ``IPL``.
         device: where to run the classifier.
+        slice_step: compute every this many sagittal slices.
         batch_size: slices per backward pass.
 
     Returns:
         ``(CC, AP, LR)`` float32 in [0, 1] (1 = looks most fractured in its slice).
     """
     classifier.eval()
-    slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(ct_u8, 2, 0), dtype=np.float32))
+    n_slices = ct_u8.shape[2]
+    computed = np.unique(np.r_[np.arange(0, n_slices, max(slice_step, 1)), n_slices - 1])
+    slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(ct_u8[:, :, computed], 2, 0), dtype=np.float32))
     slices = (slices / 127.5 - 1.0).unsqueeze(1).to(device)
-    maps = attention_maps(classifier, slices, batch_size=batch_size)
-    return np.moveaxis(maps[:, 0].float().cpu().numpy(), 0, 2).astype(np.float32)
+    maps = attention_maps(classifier, slices, batch_size=batch_size)[:, 0].float().cpu().numpy()
+    if computed.size == n_slices:
+        return np.moveaxis(maps, 0, 2).astype(np.float32)
+    upper = np.clip(np.searchsorted(computed, np.arange(n_slices)), 1, computed.size - 1)
+    lower = upper - 1
+    weight = ((np.arange(n_slices) - computed[lower]) / (computed[upper] - computed[lower])).astype(np.float32)
+    weight = np.clip(weight, 0.0, 1.0)[:, None, None]
+    volume = (1.0 - weight) * maps[lower] + weight * maps[upper]
+    return np.moveaxis(volume, 0, 2).astype(np.float32)
 
 
 def train_classifier(manifest: pd.DataFrame, root: Path, model_params: ModelParams, params: ClassifierParams,

@@ -1,0 +1,97 @@
+"""Training throughput of one whole GAN step (three discriminators, then the generator), per configuration.
+
+For each configuration (``cpu``: 128 x 128 slices, batch 8; ``full``: 256 x 256, batch 4) and each
+variant (float32 / bfloat16 autocast, NCHW / channels-last) it times full training steps of stage
+``fine`` (coarse + fine generator) on random tensors, reports samples/s (best of ``--repeats``
+timed steps after a warm-up, since other processes share the machine), the peak resident memory
+added by the run, and the achieved GFLOP/s against the model's FLOP count (forward FLOPs of the
+generator and the three discriminators from :mod:`healthivert.models.complexity`, times 3 for
+forward + backward). ``--profile`` prints the torch.profiler table of the slowest operators.
+
+    python benchmarks/bench_training.py --configs cpu full --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from healthivert.config import LossWeights, ModelParams
+from healthivert.models.complexity import flops_per_sample
+from healthivert.models.discriminator import Discriminators
+from healthivert.models.generator import HealthiVertGenerator
+from healthivert.training.gan import InpaintingTask
+from healthivert.training.runtime import Runtime
+
+SHAPES = {"cpu": (128, 8), "full": (256, 4)}
+
+
+def random_batch(size: int, batch: int, band: int) -> dict[str, torch.Tensor]:
+    """A batch shaped like :class:`healthivert.data.dataset.SliceDataset`'s, ``(B, 1, size, size)`` images."""
+    start = (size - band) // 2
+    mask = torch.zeros(batch, 1, size, size)
+    mask[:, :, start:start + band] = 1.0
+    image = torch.rand(batch, 1, size, size) * 2 - 1
+    return {"ct": image * (1 - mask), "mask": mask, "slice_ratio": torch.rand(batch),
+            "attention": torch.ones(batch, 1, size, size), "real_ct": image,
+            "real_target": (torch.rand(batch, 1, size, size) > 0.5).float(),
+            "real_neighbours": (torch.rand(batch, 1, size, size) > 0.5).float(),
+            "height": torch.full((batch,), band * 0.7), "band": torch.tensor([[start, start + band]] * batch)}
+
+
+def measure(config: str, precision: str, channels_last: bool, repeats: int, do_profile: bool) -> dict[str, float | str]:
+    """Time whole training steps of one configuration and variant."""
+    size, batch_size = SHAPES[config]
+    model_params = ModelParams(size=config)
+    torch.manual_seed(0)
+    runtime = Runtime(torch.device("cpu"), autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+    generator, discriminators = HealthiVertGenerator(model_params), Discriminators(model_params)
+    gflop = (flops_per_sample(generator, (size, size)) + flops_per_sample(discriminators, (size, size))) * 3 / 1e9
+    task = InpaintingTask(generator, discriminators, model_params, LossWeights(), "fine", 2e-4, 0.5, 1, 1,
+                          runtime, channels_last=channels_last)
+    batch = random_batch(size, batch_size, model_params.max_height_px)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    task.train_step(batch)  # warm-up: oneDNN kernel selection, allocator
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        task.train_step(batch)
+        times.append(time.perf_counter() - start)
+    if do_profile:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+            task.train_step(batch)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    best = min(times)
+    return {"config": config, "precision": precision, "channels_last": str(channels_last),
+            "image": f"{size}x{size}", "batch": batch_size, "step_s_best": round(best, 3),
+            "step_s_median": round(sorted(times)[len(times) // 2], 3),
+            "samples_per_s": round(batch_size / best, 2), "gflop_per_sample_train": round(gflop, 2),
+            "achieved_gflop_s": round(gflop * batch_size / best, 1),
+            "peak_rss_added_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024, 1)}
+
+
+def main() -> None:
+    """Parse flags, run every configuration and variant, print a table and JSON lines."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["cpu", "full"], choices=sorted(SHAPES))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="print the torch.profiler table of each variant")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for config in args.configs:
+        for precision in args.precisions:
+            for layout in args.layouts:
+                result = measure(config, precision, layout == "channels_last", args.repeats, args.profile)
+                print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Stages ``train-coarse`` and ``train-fine`` through ``cli.main``: outputs, resume, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from healthivert.cli import main
+from healthivert.io.nifti import load_volume
+from healthivert.models.io import load_classifier, load_generator
+from healthivert.training.checkpoint import CHECKPOINT_NAME
+from test_dataset import MAX_HEIGHT, write_box_dataset
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+GRADES = [("train", g) for g in (0, 0, 1, 0, 2, 3, 0, 2)] + [("val", 0), ("val", 0), ("val", 2), ("test", 0)]
+TINY = [
+    "tracking.enabled=false",
+    "model.sizes.cpu.cnum=4", "model.sizes.cpu.disc_channels=4", "model.sizes.cpu.disc_layers=1",
+    "model.sizes.cpu.classifier_channels=4", f"model.max_height_px={MAX_HEIGHT}",
+]
+for section in ("train_coarse", "train_fine"):
+    TINY += [f"{section}.epochs=2", f"{section}.steps_per_epoch=2", f"{section}.batch_size=4",
+             f"{section}.lr_constant_epochs=1", f"{section}.checkpoint_every=1", f"{section}.device=cpu",
+             f"{section}.precision=fp32"]
+TINY += ["train_coarse.classifier.epochs=1", "train_coarse.classifier.steps_per_epoch=2",
+         "train_coarse.classifier.batch_size=4", "train_coarse.classifier.cam_slice_step=3"]
+
+
+def _args(*extra: str) -> list[str]:
+    args = ["--params", str(PARAMS)]
+    for setting in TINY + list(extra):
+        args += ["--set", setting]
+    return args
+
+
+def _coarse(root: Path, *extra: str) -> list[str]:
+    return ["train-coarse", "--data", str(root / "pre"), "--out", str(root / "coarse"), "--attention-out",
+            str(root / "attention"), "--checkpoint-dir", str(root / "ck" / "coarse"), "--metrics",
+            str(root / "coarse.json"), *_args(*extra)]
+
+
+def _fine(root: Path, *extra: str) -> list[str]:
+    return ["train-fine", "--data", str(root / "pre"), "--attention", str(root / "attention"), "--coarse",
+            str(root / "coarse"), "--out", str(root / "fine"), "--checkpoint-dir", str(root / "ck" / "fine"),
+            "--metrics", str(root / "fine.json"), *_args(*extra)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("stages")
+    write_box_dataset(root / "pre", GRADES)
+    assert main(_coarse(root)) == 0
+    assert main(_fine(root)) == 0
+    return root
+
+
+def test_coarse_stage_writes_models_card_samples_and_attention_for_every_crop(trained: Path) -> None:
+    manifest = pd.read_parquet(trained / "pre" / "manifest.parquet")
+    index = pd.read_parquet(trained / "attention" / "index.parquet")
+    assert sorted(zip(index["case"], index["vertebra"])) == sorted(zip(manifest["case"], manifest["vertebra"]))
+    cam = load_volume(trained / "attention" / index["path"].iloc[0])
+    crop = load_volume(trained / "pre" / manifest["ct_path"].iloc[0])
+    assert cam.shape == crop.shape and np.allclose(cam.affine, crop.affine)
+    assert 0.0 <= cam.array.min() and cam.array.max() <= 1.0 and cam.array.max() > 0.0
+    assert {p.name for p in (trained / "coarse").iterdir()} >= {"classifier.pt", "generator.pt", "model_card.json",
+                                                                "params.yaml", "samples"}
+    assert len(list((trained / "coarse" / "samples").glob("coarse_epoch_*.png"))) == 2
+    card = json.loads((trained / "coarse" / "model_card.json").read_text())
+    assert card["intended_use"] == "research use, not for diagnosis"
+    assert card["input"]["image_size"] == [64, 32] and card["input"]["hu_window"] == [-300.0, 1200.0]
+    assert card["training"]["steps"] == 4 and "val/nearest/mae_hu" in card["metrics"]
+    load_classifier(trained / "coarse" / "classifier.pt")
+    metrics = json.loads((trained / "coarse.json").read_text())
+    for who in ("model", "nearest", "interpolate"):
+        for name in ("mae_hu", "dice", "height_error_mm"):
+            assert np.isfinite(metrics[f"val/{who}/{name}"])
+    assert metrics["val/nearest/dice"] > 0.9                     # the boxes' neighbours are copies of healthy targets
+
+
+def test_fine_stage_starts_from_the_coarse_generator(trained: Path) -> None:
+    coarse = load_generator(trained / "coarse" / "generator.pt")
+    fine = load_generator(trained / "fine" / "generator.pt")
+    untouched = [k for k in coarse.state_dict() if torch.equal(coarse.state_dict()[k], fine.state_dict()[k])]
+    assert not untouched                       # every weight, coarse ones included, was trained further
+    card = json.loads((trained / "fine" / "model_card.json").read_text())
+    assert card["training"]["initialised_from"].endswith("generator.pt")
+    assert len(list((trained / "fine" / "samples").glob("fine_epoch_*.png"))) == 2
+    metrics = json.loads((trained / "fine.json").read_text())
+    assert 0.0 <= metrics["val/model/dice"] <= 1.0
+
+
+def test_rerun_resumes_from_the_finished_checkpoint_and_reproduces_the_model(trained: Path) -> None:
+    before = load_generator(trained / "fine" / "generator.pt").state_dict()
+    assert main(_fine(trained)) == 0
+    metrics = json.loads((trained / "fine.json").read_text())
+    card = json.loads((trained / "fine" / "model_card.json").read_text())
+    assert card["training"]["resumed_from_step"] == 4
+    after = load_generator(trained / "fine" / "generator.pt").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert np.isfinite(metrics["val/model/mae_hu"])
+
+
+def test_changed_parameters_are_refused_without_touching_the_checkpoint(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = trained / "ck" / "fine" / CHECKPOINT_NAME
+    before = checkpoint.read_bytes()
+    assert main(_fine(trained, "train_fine.lr=0.001")) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0 and CHECKPOINT_NAME in message and "other parameters" in message
+    assert checkpoint.read_bytes() == before
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("no_manifest", "manifest not found"),
+    ("no_healthy_train", "no vertebra of grade <= 1"),
+    ("no_coarse", "saved generator not found"),
+    ("no_attention", "attention maps not found"),
+])
+def test_bad_inputs_give_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, expected: str) -> None:
+    if case == "no_healthy_train":
+        write_box_dataset(tmp_path / "pre", [("train", 2), ("train", 3), ("val", 0)])
+        argv = _coarse(tmp_path)
+    elif case == "no_manifest":
+        argv = _coarse(tmp_path)
+    else:
+        write_box_dataset(tmp_path / "pre", GRADES[:3])
+        (tmp_path / "attention").mkdir()
+        if case == "no_coarse":
+            pd.DataFrame({"case": [], "vertebra": []}).to_parquet(tmp_path / "attention" / "index.parquet")
+        argv = _fine(tmp_path)
+    assert main(argv) == 2
+    message = capsys.readouterr().err.strip()
+    assert expected in message and message.count("\n") == 0
