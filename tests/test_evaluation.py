@@ -119,15 +119,35 @@ def test_evaluate_writes_metrics_plots_and_report(pipeline: dict[str, Path], tmp
     assert "src=\"http" not in report  # self-contained
 
 
-def test_predictions_with_unknown_ids_are_refused(pipeline: dict[str, Path], tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    svm = tmp_path / "svm"
-    svm.mkdir()
-    (svm / "svm.json").write_bytes((pipeline["svm"] / "svm.json").read_bytes())
-    predictions = pd.read_parquet(pipeline["svm"] / "predictions.parquet")
+def _unknown_case(svm: Path) -> None:
+    predictions = pd.read_parquet(svm / "predictions.parquet")
     predictions.loc[0, "case"] = "sub-stranger"
     predictions.to_parquet(svm / "predictions.parquet")
+
+
+def _no_predicted_column(svm: Path) -> None:
+    pd.read_parquet(svm / "predictions.parquet").drop(columns=["predicted"]).to_parquet(svm / "predictions.parquet")
+
+
+def _edited_model(svm: Path) -> None:
+    content = json.loads((svm / "svm.json").read_text())
+    content["classes"] = [0, 1, 2, 3][: len(content["classes"])][::-1]
+    (svm / "svm.json").write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_unknown_case, "predictions.parquet: vertebra sub-stranger_"),
+    (_no_predicted_column, "predictions.parquet: predictions lacks column(s) predicted"),
+    (_edited_model, "svm.json: content does not match its SHA-256"),
+])
+def test_bad_svm_outputs_are_refused_in_one_line(pipeline: dict[str, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str], damage, message: str) -> None:
+    svm = tmp_path / "svm"
+    svm.mkdir()
+    for name in ("svm.json", "predictions.parquet"):
+        (svm / name).write_bytes((pipeline["svm"] / name).read_bytes())
+    damage(svm)
     assert main(evaluate_argv({**pipeline, "svm": svm}, tmp_path / "out")) == 2
     error = capsys.readouterr().err
-    assert "predictions.parquet: vertebra sub-stranger_" in error and "is not in the manifest" in error
+    assert message in error and error.count("\n") == 1
     assert not (tmp_path / "out").exists()

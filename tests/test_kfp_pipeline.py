@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 from kfp import components
+from mlflow.tracking import MlflowClient
 
 from healthivert.cli import main
 from healthivert.config import load_params
@@ -83,17 +84,18 @@ def test_compile_without_gpus_and_refusals(tmp_path: Path, capsys: pytest.Captur
 
 
 TINY = {
-    "phantom": {"cases": 3, "vertebrae_per_case": [3, 3], "fracture_share": 0.5, "seed": 1},
-    "preprocess": {"crop_shape": [64, 64, 16], "max_height_mm": 40.0},
+    "phantom": {"cases": 3, "vertebrae_per_case": [5, 5], "fracture_share": 0.6, "seed": 1},
+    "preprocess": {"crop_shape": [96, 64, 16]},  # 96 rows keep both neighbours (the baseline needs them)
+    "model": {"sizes": {"cpu": {"cnum": 4, "disc_channels": 4, "disc_layers": 1, "classifier_channels": 4}}},
     "train_coarse": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "lr_constant_epochs": 0,
-                     "checkpoint_every": 2, "device": "cpu", "classifier": {"epochs": 1, "steps_per_epoch": 2,
-                                                                             "batch_size": 2}},
+                     "checkpoint_every": 2, "device": "cpu",
+                     "classifier": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2}},
     "train_fine": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "lr_constant_epochs": 0,
                    "checkpoint_every": 2, "device": "cpu"},
     "synthesize": {"device": "cpu"},
     "svm_fit": {"folds": 2, "c_grid": [1.0]},
-    "evaluate": {"bootstrap": 0, "report_vertebrae": 2},
-    "tracking": {"enabled": False},
+    "evaluate": {"bootstrap": 20, "report_vertebrae": 2},
+    "tracking": {"experiment": "kfp-local"},
 }
 
 
@@ -109,15 +111,26 @@ def test_pipeline_runs_locally(tmp_path: Path) -> None:
     (tmp_path / "tiny.json").write_text(text)
     load_params(tmp_path / "tiny.json")  # the tiny settings are valid
 
+    store = f"sqlite:///{tmp_path}/mlflow.db"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
-    pipeline = load_pipeline_module(PIPELINE_FILE).build_pipeline(image="unused:local", gpus=0, params_json=text)
-    pipeline(params_json=text, overrides="train_fine.seed=2")  # raises if any step fails
+    pipeline = load_pipeline_module(PIPELINE_FILE).build_pipeline(image="unused:local", gpus=0, params_json=text,
+                                                                  mlflow_uri=store)
+    pipeline(params_json=text, overrides="train_fine.seed=2\n")  # raises if any step fails
 
-    root = tmp_path / "kfp" / "healthivert"
-    reports = sorted(root.rglob("report.html"))
-    assert reports, f"no report under {root}"
-    assert "<html" in reports[0].read_text().lower()
+    root = tmp_path / "kfp"
+    (report,) = root.rglob("report.html")
+    assert "<html" in report.read_text().lower()
     (rhlv_table,) = root.rglob("rhlv.parquet")
     table = pd.read_parquet(rhlv_table)
-    assert len(table) == 9  # 3 cases x 3 vertebrae
+    assert len(table) == 15  # 3 cases x 5 vertebrae
     assert table[["rhlv_ant", "rhlv_mid", "rhlv_post"]].notna().all().all()
+
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("kfp-local").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("healthivert.kind") == "pipeline"]
+    stages = {r.data.tags["healthivert.stage"]: r for r in runs if r.data.tags.get("healthivert.kind") == "stage"}
+    assert set(stages) >= set(STEPS) - {"phantom"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in stages.values()} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED" and parent.data.tags["healthivert.group"]
+    assert stages["train-fine"].data.params["train_fine.seed"] == "2"  # the run-time override reached the step
+    assert stages["evaluate"].data.metrics

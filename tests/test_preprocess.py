@@ -146,3 +146,40 @@ def test_crop_near_the_edge_is_padded_with_air_and_background() -> None:
     assert (crop.ct[:12] == 0).all() and (crop.labels[:14] == 0).all()  # outside the volume: air, background
     assert (crop.ct[12:14] == 51).all()  # inside the volume: 0 HU
     assert crop.ct[24, 16, 12] == window_ct(np.array([700.0]), (-300.0, 1200.0))[0]
+
+
+def test_manifest_schema_is_checked_on_read_and_write(preprocessed, tmp_path: Path) -> None:
+    from healthivert.data.manifest import COLUMNS, crop_name, write_manifest
+    from healthivert.errors import InputDataError
+
+    out, _ = preprocessed
+    manifest = read_manifest(out / "manifest.parquet")
+    assert list(manifest.columns) == list(COLUMNS)
+    assert crop_name("sub-verse004", 20) == "sub-verse004_20"
+    assert resolve(out / "manifest.parquet", manifest["ct_path"].iloc[0]).is_file()
+    assert resolve(out, pd.NA) is None
+
+    with pytest.raises(InputDataError, match=r"missing\.parquet: manifest not found"):
+        read_manifest(tmp_path / "missing.parquet")
+    broken = tmp_path / "broken.parquet"
+    manifest.drop(columns=["split", "top_row"]).to_parquet(broken)
+    with pytest.raises(InputDataError, match=r"broken\.parquet: manifest lacks column\(s\) split, top_row"):
+        read_manifest(broken)
+    bad_split = manifest.assign(split="training")
+    with pytest.raises(InputDataError, match="unknown split 'training'"):
+        write_manifest(bad_split, tmp_path)
+    assert not (tmp_path / "manifest.parquet").exists()
+    (tmp_path / "garbage.parquet").write_text("not parquet")
+    with pytest.raises(InputDataError, match="not a readable Parquet file"):
+        read_manifest(tmp_path / "garbage.parquet")
+
+
+def test_overview_figure_shows_the_most_fractured_crops_and_their_twins(preprocessed) -> None:
+    from healthivert.stages.preprocess import overview_figure
+
+    out, _ = preprocessed
+    figure = overview_figure(out, count=3)
+    axes = figure.get_axes()
+    assert len(axes) == 6  # crop and healthy twin of 3 vertebrae
+    worst = read_manifest(out)["grade"].max()
+    assert f"grade {worst}" in axes[0].get_title() and "healthy" in axes[3].get_title()

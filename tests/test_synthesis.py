@@ -186,3 +186,13 @@ def test_missing_view_model_is_one_line(model_and_data: tuple[Path, Path, Path],
     assert main(argv) == 2
     error = capsys.readouterr().err
     assert "generator_coronal.pt: saved generator not found" in error and error.count("\n") == 1
+
+
+def test_coarse_stage_generator_runs_without_its_fine_network() -> None:
+    ct, label = crop()
+    generator = fixed_height_generator()
+    fine_calls = count_calls(generator.fine)
+    result = synthesise_vertebra({"sagittal": generator}, ct, label, None, 21, (), SynthesizeParams(), 1.0,
+                                 torch.device("cpu"), stage="coarse")
+    assert fine_calls == []
+    assert result.predicted_height_mm == pytest.approx(HEIGHT, abs=1e-3)

@@ -4,8 +4,8 @@ Works in straightened space, axes ``(CC, AP, LR)``: axis 0 cranio-caudal, axis 1
 posterior (column 0 anterior), axis 2 right -> left. In the mid-sagittal slab of a vertebra the
 body, the spinal canal (empty) and the posterior arch follow each other from anterior to
 posterior; the canal's anterior edge is the body's posterior wall. Everything posterior to that
-wall is cut away, and of the rest only the largest connected part is kept (stray fragments of the
-processes). A label without a canal gap (already a body, or a segmentation without the arch) is
+wall is cut away, so is anything wider than the front two thirds of the body (transverse
+processes), and of the rest only the largest connected part is kept (stray fragments). A label without a canal gap (already a body, or a segmentation without the arch) is
 left whole.
 """
 
@@ -81,6 +81,21 @@ def posterior_wall(vertebra_mask: np.ndarray, spacing_mm: float = 1.0, slab_mm: 
     return merged[0][1]
 
 
+def _trim_sides(body: np.ndarray, wall: int) -> None:
+    """Cut, in place, what sticks out sideways beyond the body's width in its anterior two thirds.
+
+    Transverse processes (large at L5) can reach in front of the posterior wall's plane where the
+    spine bends; the front of the body never carries them, so its left-right extent bounds the body.
+    """
+    columns = np.flatnonzero(body.any(axis=(0, 2)))
+    if columns.size == 0:
+        return
+    front = columns[0] + int(np.ceil((wall - columns[0] + 1) * 2.0 / 3.0))
+    sides = np.flatnonzero(body[:, :front, :].any(axis=(0, 1)))
+    body[:, :, :max(sides[0] - 1, 0)] = False
+    body[:, :, sides[-1] + 2:] = False
+
+
 def depedicle(labels: np.ndarray, spacing_mm: float = 1.0, vertebrae: list[int] | None = None,
               slab_mm: float = 3.0) -> tuple[np.ndarray, list[BodyCut]]:
     """Body-only labels: each vertebra cut at its posterior wall, largest connected part kept.
@@ -107,6 +122,7 @@ def depedicle(labels: np.ndarray, spacing_mm: float = 1.0, vertebrae: list[int] 
         body = whole.copy()
         if wall is not None:
             body[:, wall + 1:, :] = False
+            _trim_sides(body, wall)
         components, count = ndimage.label(body)
         if count > 1:
             sizes = np.bincount(components.ravel())

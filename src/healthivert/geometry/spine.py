@@ -56,12 +56,12 @@ def _incomplete(bodies: np.ndarray, box: tuple[slice, ...] | None, vertebra: int
     if box is None:
         return "no body voxels after straightening"
     voxels = np.argwhere(bodies[box] == vertebra) + np.array([b.start for b in box])
-    grid = np.asarray(bodies.shape)
-    if np.any(voxels.min(axis=0) == 0) or np.any(voxels.max(axis=0) == grid - 1):
-        return "body reaches the edge of the straightened field"
     source = smap.to_input(voxels)
     if np.any(source.min(axis=0) < 0.5) or np.any(source.max(axis=0) > np.asarray(input_shape) - 1.5):
         return "body is cut by the border of the scan"
+    grid = np.asarray(bodies.shape)
+    if np.any(voxels.min(axis=0) == 0) or np.any(voxels.max(axis=0) == grid - 1):
+        return "body reaches the edge of the straightened field"
     return None
 
 
@@ -99,7 +99,7 @@ def _body_centres(bodies: np.ndarray, smap: StraightenMap, input_shape: tuple[in
 def prepare_spine(labels: np.ndarray, input_spacing_mm: tuple[float, float, float],
                   centroids: Mapping[int, np.ndarray], *,
                   spacing_mm: float = 1.0, width: tuple[int, int] = (192, 96), margin_mm: float = 64.0,
-                  smoothing_mm: float = 0.25, through_bodies: bool = True, remove_arch: bool = True,
+                  smoothing_mm: float = 1.0, through_bodies: bool = True, remove_arch: bool = True,
                   min_body_mm3: float = 2000.0,
                   fragment_share: float = 0.25) -> PreparedSpine:
     """Straighten a spine, isolate its bodies and find the vertebrae whose body is whole.
@@ -116,7 +116,8 @@ def prepare_spine(labels: np.ndarray, input_spacing_mm: tuple[float, float, floa
             curve (through the centroids) and straighten again. Sampling planes fan out away from a bent
             curve (by ``1 - curvature x offset``), so bodies 15-20 mm anterior of the whole-vertebra
             centroids come out taller or shorter; a fracture also shifts its vertebra's centroid and
-            kinks a curve drawn through it. Off: one pass through the centroids (the reference).
+            kinks a curve drawn through it. Off (or without ``remove_arch``): one pass through the
+            centroids, as the reference does.
         remove_arch: de-pedicle (else the whole labels are used as bodies).
         min_body_mm3: smaller bodies are skipped as fragments.
         fragment_share: labels smaller than this share of the median vertebra are fragments: left off the
@@ -132,9 +133,10 @@ def prepare_spine(labels: np.ndarray, input_spacing_mm: tuple[float, float, floa
         on_curve = dict(centroids)
     straight = straighten(labels, input_spacing_mm, on_curve, spacing_mm=spacing_mm, width=width,
                           margin_mm=margin_mm, smoothing_mm=smoothing_mm)
-    vertebrae = [int(v) for v in on_curve if (straight.labels == v).any()]
+    counts = np.bincount(straight.labels.ravel(), minlength=max(int(v) for v in on_curve) + 1)
+    vertebrae = [int(v) for v in on_curve if counts[int(v)] > 0]
     bodies, cuts = _isolate_bodies(straight.labels, vertebrae, spacing_mm, remove_arch)
-    if through_bodies:
+    if through_bodies and remove_arch:
         # second pass: the curve through the body centres, so the bodies are not bent by the sampling
         centres = _body_centres(bodies, straight.map, labels.shape)
         if len(centres) >= 2:

@@ -188,7 +188,7 @@ def _curve_samples(centroids_mm: np.ndarray, spacing_mm: float, margin_mm: float
 
 def straighten_map(centroids: Mapping[int, np.ndarray], input_spacing_mm: tuple[float, float, float],
                    spacing_mm: float = 1.0, width: tuple[int, int] = (192, 96), margin_mm: float = 64.0,
-                   smoothing_mm: float = 0.25) -> StraightenMap:
+                   smoothing_mm: float = 1.0) -> StraightenMap:
     """Fit the spine curve and its rotation-minimising frame.
 
     Args:
@@ -264,7 +264,7 @@ def resample_many(smap: StraightenMap, volumes: list[tuple[np.ndarray, bool, flo
 def straighten(labels: np.ndarray, input_spacing_mm: tuple[float, float, float],
                centroids: Mapping[int, np.ndarray], ct: np.ndarray | None = None, *,
                spacing_mm: float = 1.0, width: tuple[int, int] = (192, 96), margin_mm: float = 64.0,
-               smoothing_mm: float = 0.25, air_hu: float = -1024.0) -> StraightenedSpine:
+               smoothing_mm: float = 1.0, air_hu: float = -1024.0) -> StraightenedSpine:
     """Straighten a spine's labels (and CT) along the curve through its vertebra centroids.
 
     Args:

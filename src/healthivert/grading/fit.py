@@ -109,18 +109,15 @@ def fit_holdout(table: pd.DataFrame, features: Sequence[str], c_grid: Sequence[f
     if len(candidates) > 1 and y_val.size == 0:
         raise ValueError("choosing C needs graded vertebrae in the val split")
     metrics: dict[str, float] = {}
-    best_c, best_f1, best_model = candidates[0], -1.0, None
-    for c in candidates:
-        model = fit_model(x_train, y_train, features, c)
+    fitted = [(c, fit_model(x_train, y_train, features, c)) for c in candidates]
+    scores = []
+    for c, model in fitted:
+        f1 = grade_metrics(y_val, model.predict(x_val))["macro_f1"] if y_val.size else 0.0
+        scores.append(f1)
         if y_val.size:
-            f1 = grade_metrics(y_val, model.predict(x_val))["macro_f1"]
             metrics[f"val_macro_f1_c{c:g}"] = f1
             log.info("C=%g: val macro-F1 %.3f", c, f1)
-        else:
-            f1 = 0.0
-        if f1 > best_f1:
-            best_c, best_f1, best_model = c, f1, model
-    assert best_model is not None
+    best_c, best_model = fitted[int(np.argmax(scores))]  # first maximum: the smallest C among ties
     metrics["c"] = best_c
     for split in ("train", "val", "test"):
         x_split, y_split = _xy(_graded(table, [split]), features)

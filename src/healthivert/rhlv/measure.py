@@ -29,7 +29,6 @@ import numpy as np
 
 from healthivert.config import RhlvParams
 from healthivert.geometry.morphometry import (
-    THIRDS,
     ColumnSelection,
     ThirdHeights,
     column_heights,

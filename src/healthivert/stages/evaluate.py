@@ -61,13 +61,17 @@ def execute(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def _read_table(path: Path, what: str, hint: str) -> pd.DataFrame:
+def _read_table(path: Path, what: str, hint: str, columns: tuple[str, ...]) -> pd.DataFrame:
     if not path.is_file():
         raise InputDataError(path, f"{what} not found", hint)
     try:
-        return pd.read_parquet(path)
+        table = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for foreign or truncated files
         raise InputDataError(path, "not a readable Parquet file", type(exc).__name__) from exc
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise InputDataError(path, f"{what} lacks column(s) {', '.join(missing)}", hint)
+    return table
 
 
 def _check_ids(table: pd.DataFrame, known: set[tuple[str, int]], path: Path) -> None:
@@ -82,8 +86,8 @@ def _check_ids(table: pd.DataFrame, known: set[tuple[str, int]], path: Path) -> 
                              f"{len(missing)} missing; rerun the stage on this data")
 
 
-def load_inputs(data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """The manifest joined with RHLV and predictions, the synthesis index, and the protocol of the SVM.
+def load_inputs(data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path) -> tuple[pd.DataFrame, str]:
+    """The manifest joined with RHLV, predictions and synthesised paths, and the protocol of the SVM.
 
     Raises:
         InputDataError: a table is missing or unreadable, or lists vertebrae the manifest does not.
@@ -92,9 +96,11 @@ def load_inputs(data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path) -> tuple
     known = set(zip(manifest["case"], manifest["vertebra"].astype(int)))
     index = read_index(synth)
     _check_ids(index, known, synth / "index.parquet")
-    rhlv = _read_table(rhlv_dir / "rhlv.parquet", "RHLV table", "run 'healthivert rhlv' first")
+    rhlv = _read_table(rhlv_dir / "rhlv.parquet", "RHLV table", "run 'healthivert rhlv' first",
+                       ("case", "vertebra", "rhlv_ant", "rhlv_mid", "rhlv_post", "rhlv_body"))
     _check_ids(rhlv, known, rhlv_dir / "rhlv.parquet")
-    predictions = _read_table(svm_dir / "predictions.parquet", "predictions", "run 'healthivert svm-fit' first")
+    predictions = _read_table(svm_dir / "predictions.parquet", "predictions", "run 'healthivert svm-fit' first",
+                              ("case", "vertebra", "predicted"))
     _check_ids(predictions, known, svm_dir / "predictions.parquet")
     protocol = str(load_model(svm_dir / "svm.json").info.get("protocol", "holdout"))
     rhlv_columns = [c for c in rhlv.columns if c.startswith(("rhlv_", "baseline_loss_", "h_syn_", "h_ori_")) or c == "shape_ratio"]
@@ -103,7 +109,7 @@ def load_inputs(data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path) -> tuple
     table = table.merge(predictions[["case", "vertebra", *prediction_columns]], on=["case", "vertebra"])
     table = table.merge(index[["case", "vertebra", "ct_path", "label_path"]].rename(
         columns={"ct_path": "syn_ct_path", "label_path": "syn_label_path"}), on=["case", "vertebra"])
-    return table, index, protocol
+    return table, protocol
 
 
 # ------------------------------------------------------------------------------------------ grading
@@ -262,7 +268,7 @@ def run(params: Params, data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path, 
         flat metrics (``grading_<method>_*``, ``generation_<group>_*``, ``rhlv_mae_*``).
     """
     settings = params.evaluate
-    table, _, protocol = load_inputs(data, synth, rhlv_dir, svm_dir)
+    table, protocol = load_inputs(data, synth, rhlv_dir, svm_dir)
     split = "test" if protocol == "holdout" else "val"
     evaluated = table[table["split"] == split]
     metrics, confusions = grading_metrics(evaluated, settings.bootstrap, settings.seed)

@@ -57,8 +57,10 @@ def measure_case(case: SpineCase, spacing_mm: float = 1.0, remove_arch: bool = T
     if len(case.centroids) < 2:
         raise InputDataError(case.labels.path or case.case_id, f"{len(case.centroids)} vertebra(e) found",
                              "at least two are needed to straighten the spine")
+    defaults = PreprocessParams()
     spine = prepare_spine(case.labels.array, case.labels.spacing_mm, case.centroids, spacing_mm=spacing_mm,
-                          margin_mm=48.0, smoothing_mm=PreprocessParams().curve_smoothing_mm, remove_arch=remove_arch)
+                          margin_mm=48.0, smoothing_mm=defaults.curve_smoothing_mm,
+                          through_bodies=defaults.curve_through_bodies, remove_arch=remove_arch)
     measured = spine_heights(spine, central_fraction, column_threshold)
     rows = []
     nan = math.nan

@@ -17,12 +17,14 @@ import math
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from healthivert.config import Params, PreprocessParams, dump_params
-from healthivert.data.manifest import COLUMNS, crop_name, write_manifest
+from healthivert.data.manifest import COLUMNS, crop_name, read_manifest, resolve, write_manifest
 from healthivert.data.splits import split_patients
 from healthivert.errors import InputDataError
 from healthivert.geometry.crops import crop_origin, crop_vertebra
@@ -59,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def straightened_width(params: PreprocessParams) -> tuple[int, int]:
-    """AP columns and LR slices of the straightened grid: the crop plus room for the body's AP offset."""
+    """AP columns and LR slices of the straightened grid: room for the crops and the whole vertebrae."""
     _, ap, lr = params.crop_shape
     margin = int(round(64.0 / params.spacing_mm))
     return ap + margin, max(lr, int(round(80.0 / params.spacing_mm))) + int(round(16.0 / params.spacing_mm))
@@ -67,18 +69,22 @@ def straightened_width(params: PreprocessParams) -> tuple[int, int]:
 
 @dataclasses.dataclass
 class _CaseResult:
+    """One case's manifest rows (before grades and splits), skipped vertebrae and height errors (mm)."""
+
     rows: list[dict[str, object]]
     skipped: list[dict[str, object]]
     height_errors: list[float]
 
 
 def _crop_affine(base: np.ndarray, origin: tuple[int, int, int]) -> np.ndarray:
+    """Voxel-to-world matrix of a crop whose first voxel is ``origin`` of the straightened grid."""
     shift = np.eye(4)
     shift[:3, 3] = origin
     return base @ shift
 
 
 def _truth_row(case: SpineCase, vertebra: int) -> dict[str, object]:
+    """Manifest truth columns of a phantom vertebra (empty without truth)."""
     if case.truth is None:
         return {}
     match = case.truth[case.truth["vertebra"] == vertebra]
@@ -94,6 +100,7 @@ def _truth_row(case: SpineCase, vertebra: int) -> dict[str, object]:
 
 
 def _save_crop(folder: Path, sub: str, name: str, array: np.ndarray, affine: np.ndarray) -> str:
+    """Write one uint8 crop under ``folder/sub``; returns its path relative to ``folder``."""
     relative = f"{sub}/{name}.nii.gz"
     save_volume(folder / relative, array.astype(np.uint8), affine)
     return relative
@@ -116,7 +123,7 @@ def preprocess_case(files: CaseFiles, params: PreprocessParams, out: Path) -> _C
     spine = prepare_spine(case.labels.array, case.labels.spacing_mm, case.centroids,
                           spacing_mm=params.spacing_mm, width=straightened_width(params),
                           margin_mm=crop_shape[0] / 2.0 * params.spacing_mm, smoothing_mm=params.curve_smoothing_mm,
-                          remove_arch=params.depedicle)
+                          through_bodies=params.curve_through_bodies, remove_arch=params.depedicle)
     result = _CaseResult([], [], [])
     for vid, reason in spine.skipped.items():
         log.warning("%s: vertebra %s skipped: %s", case.case_id, vertebra_name(vid), reason)
@@ -221,6 +228,34 @@ def run(params: Params, input_dir: Path, out: Path, grades_path: Path | None = N
     return metrics
 
 
+def overview_figure(out: Path, count: int = 6) -> Figure:
+    """Mid-sagittal slices of a few crops, the most fractured first: CT, body outline, mask band, twin."""
+    manifest = read_manifest(out).sort_values("grade", ascending=False, na_position="last").head(count)
+    twins = bool(manifest["healthy_ct_path"].notna().any())
+    figure = Figure(figsize=(2.2 * len(manifest), 4.6 if twins else 2.4))
+    axes = figure.subplots(2 if twins else 1, len(manifest), squeeze=False)
+    for column, row in enumerate(manifest.itertuples()):
+        band = np.flatnonzero(np.asarray(nib.load(str(resolve(out, row.mask_path))).dataobj).any(axis=(1, 2)))
+        versions = [(row.ct_path, row.label_path, "")]
+        if twins:
+            versions.append((row.healthy_ct_path, row.healthy_label_path, " healthy"))
+        for line, (ct_path, label_path, suffix) in enumerate(versions):
+            axis = axes[line, column]
+            axis.set_axis_off()
+            if pd.isna(ct_path):
+                continue
+            ct = np.asarray(nib.load(str(resolve(out, ct_path))).dataobj)
+            labels = np.asarray(nib.load(str(resolve(out, label_path))).dataobj)
+            middle = ct.shape[2] // 2
+            axis.imshow(ct[:, :, middle], cmap="gray", vmin=0, vmax=255)
+            axis.contour(labels[:, :, middle] == row.vertebra, levels=[0.5], colors="tab:orange", linewidths=0.8)
+            for edge in (band[0] - 0.5, band[-1] + 0.5):
+                axis.axhline(edge, color="tab:cyan", linewidth=0.6, linestyle="--")
+            axis.set_title(f"{row.case} {row.name}{suffix}\ngrade {row.grade}", fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
 def execute(args: argparse.Namespace) -> None:
     """Run the stage from parsed arguments."""
     params = params_from_args(args)
@@ -228,4 +263,6 @@ def execute(args: argparse.Namespace) -> None:
         metrics = run(params, args.input, args.out, args.grades)
         tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
         tracker.log_artifact(args.out / "manifest.parquet")
+        if tracker.active:
+            tracker.log_figure(overview_figure(args.out), "preprocess/overview.png")
     write_metrics(args.metrics, metrics)

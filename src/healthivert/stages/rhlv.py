@@ -119,7 +119,8 @@ def _map_volume(loss: np.ndarray, reference: Volume, syn: np.ndarray) -> Volume:
     return Volume(np.nan_to_num(loss, nan=0.0)[None].astype(np.float32), affine)
 
 
-def measure_vertebra(row: pd.Series, data: Path, syn_path: Path, params: Params) -> tuple[dict, np.ndarray, Volume]:
+def measure_vertebra(row: pd.Series, data: Path, syn_path: Path, params: Params
+                     ) -> tuple[dict[str, object], np.ndarray, Volume]:
     """RHLV (sagittal and coronal) of one manifest row; returns the table record and the loss map.
 
     Raises:
@@ -175,7 +176,7 @@ def summarise(table: pd.DataFrame) -> dict[str, float]:
             for third, error in zip(THIRD_NAMES, errors):
                 metrics[f"{prefix}_mae_{third}"] = float(error.mean())
             metrics[f"{prefix}_mae"] = float(np.mean([e.mean() for e in errors]))
-    return metrics
+    return {key: value for key, value in metrics.items() if np.isfinite(value)}
 
 
 def run(params: Params, data: Path, synth: Path | None, out: Path) -> dict[str, float]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from healthivert.config import Params
@@ -23,7 +24,7 @@ from healthivert.errors import CheckpointError
 from healthivert.io.atomic import atomic_dir
 from healthivert.io.nifti import check_same_grid, load_volume, save_volume
 from healthivert.models import load_generator, read_saved_model
-from healthivert.models.generator import HealthiVertGenerator
+from healthivert.models.generator import HealthiVertGenerator, Stage
 from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
 from healthivert.synthesis.index import write_index
 from healthivert.synthesis.iterative import synthesise_vertebra
@@ -55,21 +56,30 @@ def execute(args: argparse.Namespace) -> None:
     write_metrics(args.metrics, metrics)
 
 
-def load_view_generators(model_dir: Path, params: Params, device) -> dict[str, HealthiVertGenerator]:
-    """The generator of each view in ``params.synthesize.views``.
+def load_view_generators(model_dir: Path, params: Params, device: torch.device
+                         ) -> tuple[dict[str, HealthiVertGenerator], Stage]:
+    """The generator of each view in ``params.synthesize.views`` and the training stage they come from.
 
     Raises:
-        CheckpointError: a file is missing, of another architecture, or trained on another view.
+        CheckpointError: a file is missing, of another architecture, trained on another view, or the
+            views' generators come from different stages.
     """
-    generators = {}
+    generators, stages = {}, set()
     for view in params.synthesize.views:
         path = model_dir / MODEL_FILES[view]
-        trained_view = read_saved_model(path, "generator").extra.get("view", view)
+        extra = read_saved_model(path, "generator").extra
+        trained_view = extra.get("view", view)
         if trained_view != view:
             raise CheckpointError(path, f"generator trained on {trained_view} slices, used for the {view} view",
                                   f"train a {view} model (train_fine.view={view})")
+        stages.add(extra.get("stage", "fine"))
         generators[view] = load_generator(path, device, expected=params.model)
-    return generators
+    if len(stages) > 1:
+        raise CheckpointError(model_dir, f"the views' generators come from different stages ({', '.join(sorted(stages))})")
+    stage = stages.pop()
+    if stage not in ("coarse", "fine"):
+        raise CheckpointError(model_dir / MODEL_FILES[params.synthesize.views[0]], f"unknown training stage '{stage}'")
+    return generators, stage
 
 
 def _neighbours(row: pd.Series) -> tuple[int, ...]:
@@ -87,7 +97,7 @@ def run(params: Params, data: Path, attention: Path, model_dir: Path, out: Path)
     settings = params.synthesize
     device = choose_device(settings.device)
     autocast_dtype = choose_precision(device, settings.precision)
-    generators = load_view_generators(model_dir, params, device)
+    generators, stage = load_view_generators(model_dir, params, device)
     manifest = read_manifest(data)
     records = []
     started = time.perf_counter()
@@ -103,7 +113,7 @@ def run(params: Params, data: Path, attention: Path, model_dir: Path, out: Path)
                 check_same_grid(ct, cam_volume)
                 cam = np.clip(cam_volume.array, 0.0, 1.0)
             result = synthesise_vertebra(generators, np.clip(ct.array, 0, 255), label.array, cam, int(row["vertebra"]),
-                                         _neighbours(row), settings, ct.spacing_mm[0], device, autocast_dtype)
+                                         _neighbours(row), settings, ct.spacing_mm[0], device, autocast_dtype, stage)
             save_volume(tmp / "ct" / f"{name}.nii.gz", ct.with_array(result.ct))
             save_volume(tmp / "label" / f"{name}.nii.gz", label.with_array(result.label))
             records.append({"case": row["case"], "vertebra": int(row["vertebra"]), "ct_path": f"ct/{name}.nii.gz",
@@ -116,6 +126,6 @@ def run(params: Params, data: Path, attention: Path, model_dir: Path, out: Path)
                "synthesize_seconds_per_vertebra": elapsed / max(len(index), 1)}
     if index["predicted_height_mm"].notna().any():
         metrics["synthesize_height_mm"] = float(index["predicted_height_mm"].mean())
-    log.info("synthesised %d vertebrae, %.2f s each (%s, %s)", len(index), metrics["synthesize_seconds_per_vertebra"],
-             device, autocast_dtype or "float32")
+    log.info("synthesised %d vertebrae with the %s generator, %.2f s each (%s, %s)", len(index), stage,
+             metrics["synthesize_seconds_per_vertebra"], device, autocast_dtype or "float32")
     return metrics

@@ -26,7 +26,7 @@ import torch
 
 from healthivert.config import SynthesizeParams
 from healthivert.data.samples import assembly_rows, close_up, make_sample
-from healthivert.models.generator import HealthiVertGenerator
+from healthivert.models.generator import HealthiVertGenerator, Stage
 
 #: axes order that puts a view's slicing axis last: sagittal slices along LR, coronal along AP.
 VIEW_AXES = {"sagittal": (0, 1, 2), "coronal": (0, 2, 1)}
@@ -90,7 +90,7 @@ def _target_rows(label_slice: np.ndarray, vertebra: int, max_height: int) -> tup
 
 
 def _run_generator(generator: HealthiVertGenerator, samples: list[dict[str, np.ndarray]], batch_size: int,
-                   device: torch.device, autocast_dtype: torch.dtype | None
+                   device: torch.device, autocast_dtype: torch.dtype | None, stage: Stage
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Final CT ``(N, H, W)`` in [-1, 1], target probability ``(N, H, W)`` and height ``(N,)`` of the samples."""
     cts, segs, heights = [], [], []
@@ -103,7 +103,7 @@ def _run_generator(generator: HealthiVertGenerator, samples: list[dict[str, np.n
             def stack(key: str) -> torch.Tensor:
                 return torch.from_numpy(np.stack([s[key] for s in chunk])).to(device)
 
-            out = generator(stack("ct"), stack("mask"), stack("slice_ratio"), stack("attention"), stage="fine")
+            out = generator(stack("ct"), stack("mask"), stack("slice_ratio"), stack("attention"), stage=stage)
             cts.append(out.ct[:, 0].float().cpu().numpy())
             segs.append(out.seg[:, 0].float().cpu().numpy())
             heights.append(out.height.float().reshape(-1).cpu().numpy())
@@ -112,9 +112,9 @@ def _run_generator(generator: HealthiVertGenerator, samples: list[dict[str, np.n
 
 def _synthesise_step(generator: HealthiVertGenerator, ct: np.ndarray, label: np.ndarray, cam: np.ndarray | None,
                      vertebra: int, slices: np.ndarray, ratios: np.ndarray, min_voxels: int, max_height: int,
-                     batch_size: int, device: torch.device, autocast_dtype: torch.dtype | None
+                     batch_size: int, device: torch.device, autocast_dtype: torch.dtype | None, stage: Stage
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Synthesise ``vertebra`` in the given slices of ``ct``/``label`` (slicing axis last), in place.
+    """Synthesise ``vertebra`` in the given slices of ``ct``/``label``/``cam`` (slicing axis last), in place.
 
     Returns:
         the slices done, the vertebra's probability ``(n, H, W)`` in them (0 outside its generated
@@ -133,7 +133,7 @@ def _synthesise_step(generator: HealthiVertGenerator, ct: np.ndarray, label: np.
     n_rows = ct.shape[0]
     if not samples:
         return np.zeros(0, dtype=np.int64), np.zeros((0, n_rows, ct.shape[1]), np.float32), np.zeros(0)
-    out_ct, out_seg, heights = _run_generator(generator, samples, batch_size, device, autocast_dtype)
+    out_ct, out_seg, heights = _run_generator(generator, samples, batch_size, device, autocast_dtype, stage)
     bands = torch.from_numpy(np.stack([s["band"] for s in samples]))
     kept = torch.minimum(torch.round(torch.from_numpy(heights)).long().clamp(min=0), bands[:, 1] - bands[:, 0])
     context_rows, generated = (t.numpy() for t in assembly_rows(n_rows, bands, kept))
@@ -144,6 +144,9 @@ def _synthesise_step(generator: HealthiVertGenerator, ct: np.ndarray, label: np.
         context_label = close_up(label_slice, _target_rows(label_slice, vertebra, max_height), band)[context_rows[i]]
         context_label[context_label == vertebra] = 0  # rows of a target taller than the gap
         new_label = np.where(generated[i][:, None], np.where(out_seg[i] > 0.5, vertebra, 0), context_label)
+        if cam is not None:  # the attention moves with the context; the restored vertebra looks healthy
+            rows = _target_rows(label_slice, vertebra, max_height)
+            cam[:, :, k] = np.where(generated[i][:, None], 0.0, close_up(cam[:, :, k], rows, band)[context_rows[i]])
         label[:, :, k] = new_label.astype(label.dtype)
         ct[:, :, k] = np.clip((out_ct[i] + 1.0) * 127.5, 0.0, 255.0)
     return np.asarray(chosen), probabilities, heights
@@ -151,10 +154,11 @@ def _synthesise_step(generator: HealthiVertGenerator, ct: np.ndarray, label: np.
 
 def _synthesise_view(generator: HealthiVertGenerator, ct: np.ndarray, label: np.ndarray, cam: np.ndarray | None,
                      target: int, neighbours: tuple[int, ...], params: SynthesizeParams, max_height: int,
-                     device: torch.device, autocast_dtype: torch.dtype | None) -> _ViewResult:
+                     device: torch.device, autocast_dtype: torch.dtype | None, stage: Stage) -> _ViewResult:
     """All steps of one view on ``(CC, X, S)`` arrays (slicing axis last)."""
     work_ct = ct.astype(np.float32)
     work_label = label.copy()
+    work_cam = None if cam is None else cam.astype(np.float32)
     slices, ratios = central_slices(label, target, params.slice_fraction)
     steps = [*(n for n in neighbours if params.iterative), target]
     probability = (label == target).astype(np.float32)
@@ -163,8 +167,9 @@ def _synthesise_view(generator: HealthiVertGenerator, ct: np.ndarray, label: np.
     for vertebra in steps:
         is_target = vertebra == target
         done, prob, step_heights = _synthesise_step(
-            generator, work_ct, work_label, cam, vertebra, slices, ratios,
-            0 if is_target else params.neighbour_min_voxels, max_height, params.batch_size, device, autocast_dtype)
+            generator, work_ct, work_label, work_cam, vertebra, slices, ratios,
+            0 if is_target else params.neighbour_min_voxels, max_height, params.batch_size, device, autocast_dtype,
+            stage)
         if is_target and done.size:
             probability[:, :, done] = np.moveaxis(prob, 0, -1)
             covered[done] = True
@@ -175,7 +180,7 @@ def _synthesise_view(generator: HealthiVertGenerator, ct: np.ndarray, label: np.
 def synthesise_vertebra(generators: Mapping[str, HealthiVertGenerator], ct: np.ndarray, label: np.ndarray,
                         attention: np.ndarray | None, target: int, neighbours: tuple[int, ...],
                         params: SynthesizeParams, spacing_cc_mm: float, device: torch.device,
-                        autocast_dtype: torch.dtype | None = None) -> SynthesisResult:
+                        autocast_dtype: torch.dtype | None = None, stage: Stage = "fine") -> SynthesisResult:
     """Pseudo-healthy CT and label of one target vertebra of a crop.
 
     Args:
@@ -190,6 +195,7 @@ def synthesise_vertebra(generators: Mapping[str, HealthiVertGenerator], ct: np.n
         spacing_cc_mm: cranio-caudal voxel size (for the predicted height in mm).
         device: where the generators run.
         autocast_dtype: e.g. ``torch.bfloat16`` for mixed precision, ``None`` for float32.
+        stage: ``fine`` (the whole generator) or ``coarse`` (a generator of the coarse stage only).
     """
     total_ct = np.zeros(ct.shape, dtype=np.float64)
     total_probability = np.zeros(ct.shape, dtype=np.float64)
@@ -202,7 +208,7 @@ def synthesise_vertebra(generators: Mapping[str, HealthiVertGenerator], ct: np.n
         axes = VIEW_AXES[view]
         result = _synthesise_view(generator, np.transpose(ct, axes), np.transpose(label, axes),
                                   None if attention is None else np.transpose(attention, axes),
-                                  target, neighbours, params, max_height, device, autocast_dtype)
+                                  target, neighbours, params, max_height, device, autocast_dtype, stage)
         covered = np.broadcast_to(result.covered[None, None, :], result.ct.shape)
         total_ct += np.transpose(np.where(covered, result.ct, 0.0), axes)
         total_probability += np.transpose(np.where(covered, result.probability, 0.0), axes)

@@ -46,10 +46,11 @@ def _set_requires_grad(module: nn.Module, flag: bool) -> None:
         parameter.requires_grad_(flag)
 
 
-def _wrap(module: nn.Module, runtime: Runtime) -> nn.Module:
+def _wrap(module: nn.Module, runtime: Runtime, broadcast_buffers: bool = True) -> nn.Module:
     if not runtime.distributed:
         return module
-    return DistributedDataParallel(module, device_ids=None if runtime.device.type == "cpu" else [runtime.device])
+    return DistributedDataParallel(module, device_ids=None if runtime.device.type == "cpu" else [runtime.device],
+                                   broadcast_buffers=broadcast_buffers)
 
 
 class InpaintingTask:
@@ -78,7 +79,8 @@ class InpaintingTask:
         self.generator = generator.to(runtime.device, memory_format=memory_format)
         self.discriminators = discriminators.to(runtime.device, memory_format=memory_format)
         freeze_for_stage(self.generator, stage)
-        self.g_net = _wrap(self.generator, runtime)
+        # the generator's only buffers are constant kernels: nothing to re-broadcast before each forward
+        self.g_net = _wrap(self.generator, runtime, broadcast_buffers=False)
         self.d_net = _wrap(self.discriminators, runtime)
         self.g_optimizer = adam(self.generator.parameters(), lr, beta1)
         self.d_optimizer = adam(self.discriminators.parameters(), lr, beta1)

@@ -35,5 +35,9 @@ def linear_decay(optimizer: torch.optim.Optimizer, total_epochs: int, constant_e
 
 
 def adam(parameters: Iterable[torch.nn.Parameter], lr: float, beta1: float) -> torch.optim.Adam:
-    """Adam as in the method (beta2 0.999)."""
-    return torch.optim.Adam([p for p in parameters if p.requires_grad], lr=lr, betas=(beta1, 0.999))
+    """Adam as in the method (beta2 0.999), over the parameters that require gradients.
+
+    The fused implementation updates all parameters in one kernel per step instead of about ten
+    element-wise passes per tensor (on CPU it took ~10 % of a full-size GAN step otherwise).
+    """
+    return torch.optim.Adam([p for p in parameters if p.requires_grad], lr=lr, betas=(beta1, 0.999), fused=True)
