@@ -4,9 +4,10 @@ For each configuration (``cpu``: 128 x 128 slices, batch 8; ``full``: 256 x 256,
 variant (float32 / bfloat16 autocast, NCHW / channels-last) it times full training steps of stage
 ``fine`` (coarse + fine generator) on random tensors, reports samples/s (best of ``--repeats``
 timed steps after a warm-up, since other processes share the machine), the peak resident memory
-added by the run, and the achieved GFLOP/s against the model's FLOP count (forward FLOPs of the
-generator and the three discriminators from :mod:`healthivert.models.complexity`, times 3 for
-forward + backward). ``--profile`` prints the torch.profiler table of the slowest operators.
+added by the run, the forward GFLOP per sample of each network (:mod:`healthivert.models.complexity`),
+the GFLOP of a whole training step counted by ``torch.utils.flop_counter`` (generator forward and
+backward, three discriminator forwards, two weight-gradient and one input-gradient backward), and
+the achieved GFLOP/s. ``--profile`` prints the torch.profiler table of the slowest operators.
 
     python benchmarks/bench_training.py --configs cpu full --threads 2
 """
@@ -20,6 +21,7 @@ import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from healthivert.config import LossWeights, ModelParams
 from healthivert.models.complexity import flops_per_sample
@@ -51,12 +53,15 @@ def measure(config: str, precision: str, channels_last: bool, repeats: int, do_p
     torch.manual_seed(0)
     runtime = Runtime(torch.device("cpu"), autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
     generator, discriminators = HealthiVertGenerator(model_params), Discriminators(model_params)
-    gflop = (flops_per_sample(generator, (size, size)) + flops_per_sample(discriminators, (size, size))) * 3 / 1e9
+    forward_gflop = {"generator": flops_per_sample(generator, (size, size)) / 1e9,
+                     "discriminators": flops_per_sample(discriminators, (size, size)) / 1e9}
     task = InpaintingTask(generator, discriminators, model_params, LossWeights(), "fine", 2e-4, 0.5, 1, 1,
                           runtime, channels_last=channels_last)
     batch = random_batch(size, batch_size, model_params.max_height_px)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    task.train_step(batch)  # warm-up: oneDNN kernel selection, allocator
+    with FlopCounterMode(display=False) as counter:  # also the warm-up: oneDNN kernel selection, allocator
+        task.train_step(batch)
+    gflop = counter.get_total_flops() / 1e9 / batch_size
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -70,7 +75,9 @@ def measure(config: str, precision: str, channels_last: bool, repeats: int, do_p
     return {"config": config, "precision": precision, "channels_last": str(channels_last),
             "image": f"{size}x{size}", "batch": batch_size, "step_s_best": round(best, 3),
             "step_s_median": round(sorted(times)[len(times) // 2], 3),
-            "samples_per_s": round(batch_size / best, 2), "gflop_per_sample_train": round(gflop, 2),
+            "samples_per_s": round(batch_size / best, 2),
+            "gflop_per_sample_forward": {k: round(v, 2) for k, v in forward_gflop.items()},
+            "gflop_per_sample_train_step": round(gflop, 2),
             "achieved_gflop_s": round(gflop * batch_size / best, 1),
             "peak_rss_added_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024, 1)}
 

@@ -9,8 +9,8 @@ as one JSON line (``params_json``), newline-separated ``section.key=value`` over
 (empty: tracking off) and the id that groups the steps under one MLflow parent run.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output

@@ -168,6 +168,7 @@ def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     env.pop("HEALTHIVERT_PIPELINE_GROUP", None)
     _run(["git", "init", "-q"], root, env)
     _run(["dvc", "init", "-q"], root, env)
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")  # the project's DVC settings (cache links)
     _run(["git", "add", "-A"], root, env)
     _run(["git", "commit", "-qm", "init"], root, env)
     return root, env

@@ -1,11 +1,14 @@
 """The Kubeflow pipeline: compiled IR (steps, edges, artifacts, GPUs, parameters) and a local run.
 
-The local run executes every component with ``kfp.local.SubprocessRunner(use_venv=False)`` in this
-Python environment, on a tiny phantom (3 cases, a few training steps), passing artifacts between
-steps exactly as in a cluster.
+The local run executes all eight components with ``kfp.local.SubprocessRunner(use_venv=False)`` in
+this Python environment, passing artifacts between steps as in a cluster, on a tiny phantom (3 cases
+of 5 vertebrae, 96 x 64 x 16 crops, 2 steps per training stage, a 4-channel network) with MLflow
+tracking into a scratch SQLite store: one parent run keyed by the KFP job id, one nested run per step.
 """
 
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pandas as pd
@@ -83,6 +86,58 @@ def test_compile_without_gpus_and_refusals(tmp_path: Path, capsys: pytest.Captur
     assert not (tmp_path / "x.yaml").exists()
 
 
+class _FakeKfpApi(BaseHTTPRequestHandler):
+    """The four KFP v2beta1 REST calls ``kfp.Client`` makes to submit a run, answered and recorded."""
+
+    calls: list[tuple[str, str, dict]] = []
+
+    def _answer(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.calls.append(("GET", self.path, {}))
+        self._answer({"multi_user": False} if "healthz" in self.path else {"experiments": [], "total_size": 0})
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        self.calls.append(("POST", self.path, body))
+        if self.path.endswith("/experiments"):
+            self._answer({"experiment_id": "exp-1", "display_name": body["display_name"]})
+        else:
+            self._answer({"run_id": "run-1", "display_name": body["display_name"], "experiment_id": body["experiment_id"]})
+
+    def log_message(self, *args: object) -> None:
+        """Keep the test output quiet."""
+
+
+def test_submit_sends_the_compiled_pipeline() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeKfpApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _FakeKfpApi.calls = []
+    try:
+        host = f"http://127.0.0.1:{server.server_address[1]}"
+        assert main(["submit", "--host", host, "--experiment", "vcf", "--run-name", "nightly", "--gpus", "2",
+                     "--pipeline", str(PIPELINE_FILE), "--params", str(REPO / "params.yaml"),
+                     "--set", "train_fine.epochs=9"]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    posts = {path.rsplit("/", 1)[-1]: body for method, path, body in _FakeKfpApi.calls if method == "POST"}
+    assert posts["experiments"]["display_name"] == "vcf"
+    run = posts["runs"]
+    assert run["experiment_id"] == "exp-1" and run["display_name"] == "nightly"
+    spec = run["pipeline_spec"]
+    assert spec["pipelineInfo"]["name"] == "healthivert"
+    assert json.loads(spec["root"]["inputDefinitions"]["parameters"]["params_json"]["defaultValue"])["train_fine"]["epochs"] == 9
+    accelerator = spec["deploymentSpec"]["executors"]["exec-train-fine"]["container"]["resources"]["accelerator"]
+    assert accelerator["resourceCount"] == "2"
+
+
 TINY = {
     "phantom": {"cases": 3, "vertebrae_per_case": [5, 5], "fracture_share": 0.6, "seed": 1},
     "preprocess": {"crop_shape": [96, 64, 16]},  # 96 rows keep both neighbours (the baseline needs them)
@@ -101,8 +156,11 @@ TINY = {
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_pipeline_runs_locally(tmp_path: Path) -> None:
+@pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")  # no image locally
+def test_pipeline_runs_locally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kfp import local
+
+    monkeypatch.chdir(tmp_path)  # the steps run here: MLflow's local artifact folder lands in tmp_path
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in TINY.items():
@@ -134,3 +192,4 @@ def test_pipeline_runs_locally(tmp_path: Path) -> None:
     assert parent.info.status == "FINISHED" and parent.data.tags["healthivert.group"]
     assert stages["train-fine"].data.params["train_fine.seed"] == "2"  # the run-time override reached the step
     assert stages["evaluate"].data.metrics
+    assert (tmp_path / "mlartifacts").is_dir()

@@ -138,8 +138,14 @@ def test_models_are_logged_and_registered(workdir: Path, store: str) -> None:
     (workdir / "svm" / "svm.json").write_text('{"C": 1.0}')
     with stage_run("train-fine", _params("models"), ("train_fine",)) as tracker:
         tracker.log_torch_model(generator)
+        tracker.log_torch_model(torch.nn.Linear(2, 1), name="coarse_generator")
         tracker.log_model_files(workdir / "svm", "svm")
+    with stage_run("svm-fit", _params("models", "tracking.register_models=false"), ("svm_fit",)) as tracker:
+        tracker.log_model_files(workdir / "svm", "svm")  # logged, not registered
     mlflow.set_tracking_uri(store)
+    registered = {m.name: len(MlflowClient(store).search_model_versions(f"name = '{m.name}'"))
+                  for m in MlflowClient(store).search_registered_models()}
+    assert registered == {"healthivert-generator": 1, "healthivert-coarse-generator": 1, "healthivert-svm": 1}
     loaded = mlflow.pytorch.load_model("models:/healthivert-generator/latest")
     assert torch.equal(loaded.weight, generator.weight)
     version = MlflowClient(store).search_model_versions("name = 'healthivert-svm'")[0]

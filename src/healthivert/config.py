@@ -83,8 +83,8 @@ class PreprocessParams(Section):
     max_height_mm: float = Field(40.0, gt=0.0)
     hu_window: tuple[float, float] = (-300.0, 1200.0)
     depedicle: bool = True
-    curve_smoothing_mm: float = Field(1.0, ge=0.0)
-    curve_through_bodies: bool = True
+    curve_smoothing_mm: float = Field(0.5, ge=0.0)
+    curve_through_bodies: bool = False
     split: SplitParams = SplitParams()
 
 

@@ -96,7 +96,8 @@ def _vertebra_section(entry: VertebraEntry) -> str:
 
 def render_report(content: ReportContent, title: str = "HealthiVert-GAN fracture grading report") -> str:
     """The report as one self-contained HTML page."""
-    grading_head = "<tr><th>method</th><th>macro precision</th><th>macro recall</th><th>macro F1</th><th>recall per grade 0/1/2/3</th></tr>"
+    grading_head = ("<tr><th>method</th><th>macro precision</th><th>macro recall</th><th>macro F1</th>"
+                    "<th>recall per grade 0/1/2/3</th></tr>")
     grading_body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
                            for row in content.grading_rows)
     figures = "".join(f"<figure>{_image(png, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>"
@@ -116,7 +117,9 @@ thirds, and a linear SVM turns these losses into a Genant grade (0 normal, 1 mil
 <p>{html.escape(content.comparison)}</p>
 <h2>Grading quality</h2>
 <table>{grading_head}{grading_body}</table>
-<h2>Pseudo-healthy synthesis quality (healthy vertebrae)</h2>
+<h2>Pseudo-healthy synthesis quality</h2>
+<p>Healthy vertebrae (grade 0) are compared with their healthy reference (the phantom's fracture-free
+truth, else the vertebra itself); fractured ones with their healthy truth where it exists.</p>
 {_pairs_table(content.generation_rows)}
 {figures}
 <h2>Vertebrae</h2>

@@ -99,7 +99,7 @@ def _body_centres(bodies: np.ndarray, smap: StraightenMap, input_shape: tuple[in
 def prepare_spine(labels: np.ndarray, input_spacing_mm: tuple[float, float, float],
                   centroids: Mapping[int, np.ndarray], *,
                   spacing_mm: float = 1.0, width: tuple[int, int] = (192, 96), margin_mm: float = 64.0,
-                  smoothing_mm: float = 1.0, through_bodies: bool = True, remove_arch: bool = True,
+                  smoothing_mm: float = 0.5, through_bodies: bool = False, remove_arch: bool = True,
                   min_body_mm3: float = 2000.0,
                   fragment_share: float = 0.25) -> PreparedSpine:
     """Straighten a spine, isolate its bodies and find the vertebrae whose body is whole.
@@ -114,10 +114,11 @@ def prepare_spine(labels: np.ndarray, input_spacing_mm: tuple[float, float, floa
         smoothing_mm: how far the spine curve may pass from a centroid (0 interpolates them).
         through_bodies: refit the curve through the centres of the whole bodies found along the first
             curve (through the centroids) and straighten again. Sampling planes fan out away from a bent
-            curve (by ``1 - curvature x offset``), so bodies 15-20 mm anterior of the whole-vertebra
-            centroids come out taller or shorter; a fracture also shifts its vertebra's centroid and
-            kinks a curve drawn through it. Off (or without ``remove_arch``): one pass through the
-            centroids, as the reference does.
+            curve (by ``1 - curvature x offset``) and a fracture shifts its vertebra's centroid; through
+            the bodies, the bodies line up within about 1 mm on phantoms (2.3 mm through the centroids)
+            and phantom heights improve slightly (MAE 0.30 vs 0.32 mm), but the posterior elements, now
+            20-60 mm off the curve, change volume by up to 16 % on VerSe 0007. Off (the default, and
+            always without ``remove_arch``): one pass through the centroids, as the reference does.
         remove_arch: de-pedicle (else the whole labels are used as bodies).
         min_body_mm3: smaller bodies are skipped as fragments.
         fragment_share: labels smaller than this share of the median vertebra are fragments: left off the

@@ -28,6 +28,8 @@ from scipy import interpolate, ndimage
 
 #: rows resampled per call of ``map_coordinates`` (bounds the memory of the coordinate arrays).
 _CHUNK_ROWS = 48
+#: reweighted refits of the spine curve (robust to centroids displaced by fractures).
+_ROBUST_ITERATIONS = 4
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -156,6 +158,24 @@ def _parallel_transport(tangents: np.ndarray, start: int, first_axis: np.ndarray
     return axes
 
 
+def _fit_curve(centroids_mm: np.ndarray, chord: np.ndarray, degree: int, smoothing_mm: float) -> tuple:
+    """Smoothing spline ``(t, c, k)`` through the centroids, refitted with outlying centroids down-weighted.
+
+    A fractured vertebra's centroid moves (its body loses volume in front), and a curve drawn through
+    it would kink exactly there, bending the sampling planes through that vertebra. Centroids far from
+    the fit (Cauchy weights on the residual over a robust scale) pull less on the next fit.
+    """
+    n = len(centroids_mm)
+    weights = np.ones(n)
+    tck = None
+    for _ in range(_ROBUST_ITERATIONS):
+        tck, _ = interpolate.splprep(centroids_mm.T, w=weights, u=chord, k=degree, s=n * smoothing_mm**2)
+        residual = np.linalg.norm(np.stack(interpolate.splev(chord, tck), axis=1) - centroids_mm, axis=1)
+        scale = max(1.4826 * float(np.median(residual)), smoothing_mm, 1e-3)
+        weights = 1.0 / (1.0 + (residual / (2.0 * scale)) ** 2)
+    return tck
+
+
 def _curve_samples(centroids_mm: np.ndarray, spacing_mm: float, margin_mm: float,
                    smoothing_mm: float) -> tuple[np.ndarray, np.ndarray, float]:
     """Points and unit tangents ``spacing_mm`` apart along a smoothing spline through the centroids.
@@ -168,7 +188,7 @@ def _curve_samples(centroids_mm: np.ndarray, spacing_mm: float, margin_mm: float
         raise ValueError("two centroids coincide")
     chord = np.concatenate([[0.0], np.cumsum(steps)])
     degree = min(3, n - 1)
-    tck, _ = interpolate.splprep(centroids_mm.T, u=chord, k=degree, s=n * smoothing_mm**2)
+    tck = _fit_curve(centroids_mm, chord, degree, smoothing_mm)
     # arc length of the spline on a fine grid, then uniform samples by inverse interpolation
     fine = np.linspace(0.0, chord[-1], max(200, int(chord[-1] / 0.25)))
     fine_points = np.stack(interpolate.splev(fine, tck), axis=1)
@@ -188,7 +208,7 @@ def _curve_samples(centroids_mm: np.ndarray, spacing_mm: float, margin_mm: float
 
 def straighten_map(centroids: Mapping[int, np.ndarray], input_spacing_mm: tuple[float, float, float],
                    spacing_mm: float = 1.0, width: tuple[int, int] = (192, 96), margin_mm: float = 64.0,
-                   smoothing_mm: float = 1.0) -> StraightenMap:
+                   smoothing_mm: float = 0.5) -> StraightenMap:
     """Fit the spine curve and its rotation-minimising frame.
 
     Args:
@@ -264,7 +284,7 @@ def resample_many(smap: StraightenMap, volumes: list[tuple[np.ndarray, bool, flo
 def straighten(labels: np.ndarray, input_spacing_mm: tuple[float, float, float],
                centroids: Mapping[int, np.ndarray], ct: np.ndarray | None = None, *,
                spacing_mm: float = 1.0, width: tuple[int, int] = (192, 96), margin_mm: float = 64.0,
-               smoothing_mm: float = 1.0, air_hu: float = -1024.0) -> StraightenedSpine:
+               smoothing_mm: float = 0.5, air_hu: float = -1024.0) -> StraightenedSpine:
     """Straighten a spine's labels (and CT) along the curve through its vertebra centroids.
 
     Args:

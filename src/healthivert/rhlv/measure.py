@@ -142,7 +142,8 @@ def compute_rhlv(syn: np.ndarray, ori: np.ndarray, spacing_mm: tuple[float, floa
     syn_mean = syn_mean * scale
     losses = [_relative_loss(s, o) for s, o in zip(syn_mean, ori_mean)]
     thirds_ori = ori_mean[:3]
-    shape_ratio = float(np.min(thirds_ori) / np.max(thirds_ori)) if np.all(np.isfinite(thirds_ori)) and np.max(thirds_ori) > 0 else float("nan")
+    measurable = np.all(np.isfinite(thirds_ori)) and np.max(thirds_ori) > 0
+    shape_ratio = float(np.min(thirds_ori) / np.max(thirds_ori)) if measurable else float("nan")
     return RhlvResult(
         ant=losses[0], mid=losses[1], post=losses[2], body=losses[3], shape_ratio=shape_ratio,
         syn=ThirdHeights(*(float(v) for v in syn_mean)), ori=ThirdHeights(*(float(v) for v in ori_mean)),

@@ -103,7 +103,8 @@ def load_inputs(data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path) -> tuple
                               ("case", "vertebra", "predicted"))
     _check_ids(predictions, known, svm_dir / "predictions.parquet")
     protocol = str(load_model(svm_dir / "svm.json").info.get("protocol", "holdout"))
-    rhlv_columns = [c for c in rhlv.columns if c.startswith(("rhlv_", "baseline_loss_", "h_syn_", "h_ori_")) or c == "shape_ratio"]
+    rhlv_columns = [c for c in rhlv.columns
+                    if c.startswith(("rhlv_", "baseline_loss_", "h_syn_", "h_ori_")) or c == "shape_ratio"]
     table = manifest.merge(rhlv[["case", "vertebra", *rhlv_columns]], on=["case", "vertebra"])
     prediction_columns = [c for c in ("predicted", "predicted_baseline") if c in predictions.columns]
     table = table.merge(predictions[["case", "vertebra", *prediction_columns]], on=["case", "vertebra"])
@@ -145,7 +146,8 @@ def comparison_sentence(metrics: dict[str, float], split: str) -> str:
 
     if "grading_gan_macro_f1" not in metrics:
         return f"No graded vertebrae in the {split} split: grading quality cannot be measured."
-    text = f"On the {int(metrics['grading_gan_n'])} graded {split} vertebrae, grading from the GAN's RHLV reached macro-F1 {describe('gan')}"
+    text = (f"On the {int(metrics['grading_gan_n'])} graded {split} vertebrae, grading from the GAN's RHLV "
+            f"reached macro-F1 {describe('gan')}")
     if "grading_baseline_macro_f1" not in metrics:
         return text + "; the mask-only baseline was not available."
     gan_low, base_high = metrics["grading_gan_macro_f1_ci_low"], metrics["grading_baseline_macro_f1_ci_high"]
@@ -219,9 +221,10 @@ def _vertebra_entry(row: pd.Series, data: Path) -> VertebraEntry:
     synthesised_label = load_volume(row["syn_label_path"], label=True).array == vertebra
     lr = np.flatnonzero(original_label.any(axis=(0, 1)))
     k = int((lr[0] + lr[-1]) // 2)
+    loss_map = height_loss_map(synthesised_label, original_label, original_ct.spacing_mm)
     panel = vertebra_panel(original_ct.array[:, :, k], synthesised_ct[:, :, k], original_label[:, :, k],
-                           synthesised_label[:, :, k], height_loss_map(synthesised_label, original_label, original_ct.spacing_mm),
-                           original_ct.spacing_mm, f"{row['case']} {row['name']} ({row['split']})")
+                           synthesised_label[:, :, k], loss_map, original_ct.spacing_mm,
+                           f"{row['case']} {row['name']} ({row['split']})")
     baseline = row.get("predicted_baseline")
     return VertebraEntry(
         title=f"{row['case']} {row['name']} ({row['split']} split)",
@@ -261,6 +264,21 @@ def _write_plot_data(folder: Path, evaluated: pd.DataFrame, truth: pd.DataFrame)
             long.to_csv(path, index=False)
 
 
+def _score_with_interval(metrics: dict[str, float], key: str) -> str:
+    """``"0.912 (0.80-0.98)"``: a score and its bootstrap interval."""
+    low, high = metrics.get(f"{key}_ci_low", np.nan), metrics.get(f"{key}_ci_high", np.nan)
+    return f"{metrics[key]:.3f} ({low:.2f}-{high:.2f})"
+
+
+def _generation_text(metrics: dict[str, float], group: str) -> str:
+    """One line of generation scores of a group (``healthy``: against the healthy reference,
+    ``fractured``: against the phantom's healthy truth)."""
+    prefix = f"generation_{group}_"
+    return (f"PSNR {metrics[prefix + 'psnr_db']:.1f} dB, SSIM {metrics[prefix + 'ssim']:.3f}, "
+            f"Dice {metrics[prefix + 'dice']:.3f}, |height error| {metrics[prefix + 'height_error_mm']:.2f} mm "
+            f"(bias {metrics[prefix + 'height_bias_mm']:+.2f} mm)")
+
+
 def run(params: Params, data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path, out: Path) -> dict[str, float]:
     """Evaluate the pipeline's outputs and write metrics, plot data, figures and the report.
 
@@ -288,19 +306,12 @@ def run(params: Params, data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path, 
                                         figure_png(rhlv_truth_figure(truth)))
     entries = [_vertebra_entry(row, data) for _, row in tqdm(
         _report_selection(evaluated, settings.report_vertebrae).iterrows(), desc="report", unit="vertebra", disable=None)]
-    grading_rows = []
-    for method, (_, label) in METHODS.items():
-        if f"grading_{method}_macro_f1" in metrics:
-            grading_rows.append((label, *(
-                f"{metrics[f'grading_{method}_{k}']:.3f} ({metrics.get(f'grading_{method}_{k}_ci_low', np.nan):.2f}-"
-                f"{metrics.get(f'grading_{method}_{k}_ci_high', np.nan):.2f})" for k in ("macro_precision", "macro_recall", "macro_f1")),
-                grade_recall_text(metrics, f"grading_{method}_")))
-    generation_rows = [
-        (f"{group} vertebrae vs {'healthy truth' if group == 'fractured' else 'reference'} (n={int(metrics[f'generation_{group}_n'])})",
-         f"PSNR {metrics[f'generation_{group}_psnr_db']:.1f} dB, SSIM {metrics[f'generation_{group}_ssim']:.3f}, "
-         f"Dice {metrics[f'generation_{group}_dice']:.3f}, |height error| {metrics[f'generation_{group}_height_error_mm']:.2f} mm "
-         f"(bias {metrics[f'generation_{group}_height_bias_mm']:+.2f} mm)")
-        for group in ("healthy", "fractured") if f"generation_{group}_n" in metrics]
+    grading_rows = [(label, *(_score_with_interval(metrics, f"grading_{method}_{key}")
+                              for key in ("macro_precision", "macro_recall", "macro_f1")),
+                     grade_recall_text(metrics, f"grading_{method}_"))
+                    for method, (_, label) in METHODS.items() if f"grading_{method}_macro_f1" in metrics]
+    generation_rows = [(f"{group} vertebrae (n={int(metrics[f'generation_{group}_n'])})", _generation_text(metrics, group))
+                       for group in ("healthy", "fractured") if f"generation_{group}_n" in metrics]
     graded = table["grade"].notna()
     content = ReportContent(
         summary=[("patients", str(table["case"].nunique())), ("vertebrae", str(len(table))),

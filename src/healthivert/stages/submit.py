@@ -131,11 +131,18 @@ def execute(args: argparse.Namespace) -> None:
         log.info("pipeline compiled to %s", args.compile_only)
         return
     import kfp
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
 
     with tempfile.TemporaryDirectory(prefix="healthivert-submit-") as scratch:
         package = Path(scratch) / "healthivert.yaml"
         compiler.Compiler().compile(pipeline, str(package))
-        client = kfp.Client(host=args.host)
-        result = client.create_run_from_pipeline_package(str(package), arguments={},
-                                                         run_name=args.run_name, experiment_name=args.experiment)
+        try:
+            client = kfp.Client(host=args.host)
+            result = client.create_run_from_pipeline_package(str(package), arguments={}, run_name=args.run_name,
+                                                             experiment_name=args.experiment)
+        except (OSError, urllib3.exceptions.HTTPError, ApiException) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(args.host, f"Kubeflow Pipelines endpoint refused the run: {reason}",
+                              "check --host, the cluster's authentication, or use --compile-only") from exc
     log.info("submitted run %s to %s (experiment %s)", result.run_id, args.host, args.experiment)

@@ -162,8 +162,8 @@ def run(params: Params, data: Path, out: Path, attention_out: Path, checkpoint_d
             if tracker is not None:
                 tracker.log_torch_model(result.generator.cpu(), name="coarse_generator")
                 tracker.log_artifact(out / "model_card.json")
+            log.info("train-coarse: %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("val/")))
         barrier(runtime)
-    log.info("train-coarse: %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("val/")))
     return metrics
 
 

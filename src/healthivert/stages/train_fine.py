@@ -72,8 +72,8 @@ def run(params: Params, data: Path, attention: Path, coarse: Path, out: Path, ch
             if tracker is not None:
                 tracker.log_torch_model(result.generator.cpu(), name="generator")
                 tracker.log_artifact(out / "model_card.json")
+            log.info("train-fine: %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("val/")))
         barrier(runtime)
-    log.info("train-fine: %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("val/")))
     return metrics
 
 

@@ -75,6 +75,7 @@ def log_param_tree(client: MlflowClient, run_id: str, tree: dict[str, Any]) -> N
 
 
 def _create_parent(client: MlflowClient, experiment_id: str, params: Params, tags: dict[str, str]) -> str:
+    """A new RUNNING parent holding every parameter (and ``params.yaml``); returns its id."""
     name = "pipeline " + time.strftime("%Y-%m-%d %H:%M:%S")
     run = client.create_run(experiment_id, run_name=name, tags={"healthivert.kind": "pipeline", **tags})
     log_param_tree(client, run.info.run_id, params.model_dump(mode="json"))
@@ -92,6 +93,7 @@ def _is_running(client: MlflowClient, run_id: str) -> bool:
 
 def _group_file_parent(client: MlflowClient, experiment_id: str, stage: str, params: Params,
                        tags: dict[str, str], root: Path) -> str:
+    """Mode 3: join the parent the group file names, or close it and start the next one."""
     path = root / GROUP_FILE
     key = {"tracking_uri": client.tracking_uri, "experiment_id": experiment_id,
            "git_commit": tags["git.commit"], "params_digest": tags["params.digest"]}
@@ -112,6 +114,7 @@ def _group_file_parent(client: MlflowClient, experiment_id: str, stage: str, par
 
 def _tagged_parent(client: MlflowClient, experiment_id: str, group_id: str, params: Params,
                    tags: dict[str, str]) -> str:
+    """Mode 2: the run tagged with ``group_id``, created by the first stage that asks."""
     found = client.search_runs([experiment_id], filter_string=f"tags.`{GROUP_TAG}` = '{group_id}'",
                                max_results=1)
     if found:

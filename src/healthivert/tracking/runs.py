@@ -29,8 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACT_LOCATION_ENV = "HEALTHIVERT_ARTIFACT_LOCATION"
 LOCAL_ARTIFACT_FOLDER = "mlartifacts"
-GENERATOR_MODEL_NAME = "healthivert-generator"
-SVM_MODEL_NAME = "healthivert-svm"
+REGISTERED_PREFIX = "healthivert-"
 
 
 def tracking_uri() -> str:
@@ -60,6 +59,12 @@ class StageTracker:
     def active(self) -> bool:
         """Whether anything is logged."""
         return self.run_id is not None
+
+    def _registered(self, name: str, registered_name: str | None) -> str | None:
+        """The registry name of model ``name`` (None when registering is off)."""
+        if not self.register_models:
+            return None
+        return registered_name or REGISTERED_PREFIX + name.replace("_", "-")
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Log scalar metrics (optionally at a training step)."""
@@ -112,22 +117,21 @@ class StageTracker:
 
             mlflow.set_tags(tags)
 
-    def log_torch_model(self, model: Any, name: str = "generator",
-                        registered_name: str = GENERATOR_MODEL_NAME) -> None:
-        """Log a ``torch.nn.Module`` with ``mlflow.pytorch`` and register it as ``registered_name``.
+    def log_torch_model(self, model: Any, name: str = "generator", registered_name: str | None = None) -> None:
+        """Log a ``torch.nn.Module`` with ``mlflow.pytorch`` and register it.
 
-        Loading it back (``mlflow.pytorch.load_model``) needs this package installed: the module's
-        class is stored by reference.
+        The registered name defaults to ``healthivert-<name>`` (``coarse_generator`` ->
+        ``healthivert-coarse-generator``). Loading it back (``mlflow.pytorch.load_model``) needs
+        this package installed: the module's class is stored by reference.
         """
         if self.active:
             import mlflow.pytorch
 
             mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
                                      pip_requirements=_pip_requirements(),
-                                     registered_model_name=registered_name if self.register_models else None)
+                                     registered_model_name=self._registered(name, registered_name))
 
-    def log_model_files(self, path: str | os.PathLike[str], name: str,
-                        registered_name: str = SVM_MODEL_NAME) -> None:
+    def log_model_files(self, path: str | os.PathLike[str], name: str, registered_name: str | None = None) -> None:
         """Log a saved model (a file or a folder, e.g. ``models/svm``) and register it as is.
 
         The registered version's source is the run's artifact folder ``name``, holding the files
@@ -143,7 +147,8 @@ class StageTracker:
             mlflow.log_artifacts(str(path), artifact_path=name)
         else:
             mlflow.log_artifact(str(path), artifact_path=name)
-        if self.register_models:
+        registered_name = self._registered(name, registered_name)
+        if registered_name is not None:
             from mlflow.exceptions import MlflowException
             from mlflow.tracking import MlflowClient
 
