@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _peak_mib() -> float:
+    """Peak traced memory since the last reset, in MiB."""
     return tracemalloc.get_traced_memory()[1] / 2**20
 
 

@@ -73,3 +73,16 @@ def test_bad_masks_give_one_line_naming_the_file(tmp_path: Path, capsys: pytest.
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and name in error and message in error
     assert not out.exists() and not list(tmp_path.glob(".out.csv*"))  # no partial output
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--central-fraction", "0.9", "--central-fraction: Input should be less than or equal to 0.5"),
+    ("--column-threshold", "-1", "--column-threshold: Input should be greater than or equal to 0"),
+    ("--spacing-mm", "0", "--spacing-mm: must be positive"),
+])
+def test_bad_settings_are_refused_before_reading(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 flag: str, value: str, message: str) -> None:
+    out = tmp_path / "out.csv"
+    assert main(["heights", "--mask", str(tmp_path / "absent.nii.gz"), "--out", str(out), flag, value]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

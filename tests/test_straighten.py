@@ -120,9 +120,13 @@ def test_phantom_spines_come_out_straight(phantom_root: Path) -> None:
         spine = prepare_spine(case.labels.array, case.labels.spacing_mm, case.centroids)
         assert spine.order == case.vertebrae
         centre = np.asarray(spine.map.centre)
+        grades = case.truth.set_index("vertebra")["grade"]
         for vid in spine.order:
-            # the centroids, carried into straightened space, lie on the grid's central line
-            assert spine.straight.centroids[vid][1:] == pytest.approx(centre, abs=1.1), (files.case_id, vid)
+            # the centroids, carried into straightened space, lie on the grid's central line; a fracture
+            # moves its vertebra's centroid (up to ~3 mm) and the robust curve fit does not follow it
+            tolerance = 1.25 if grades[vid] == 0 else 4.0
+            offset = np.abs(spine.straight.centroids[vid][1:] - centre).max()
+            assert offset <= tolerance, (files.case_id, vid, offset)
             # and every vertebra keeps its volume
             before = np.count_nonzero(case.labels.array == vid) * np.prod(case.labels.spacing_mm)
             assert np.count_nonzero(spine.straight.labels == vid) == pytest.approx(before, rel=0.05)

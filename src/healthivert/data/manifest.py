@@ -62,6 +62,7 @@ def crop_name(case: str, vertebra: int) -> str:
 
 
 def _coerce(frame: pd.DataFrame, source: str | os.PathLike[str]) -> pd.DataFrame:
+    """The manifest columns of ``frame`` in order and dtype, checked (errors name ``source``)."""
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise InputDataError(source, f"manifest lacks column(s) {', '.join(missing)}",
@@ -72,10 +73,12 @@ def _coerce(frame: pd.DataFrame, source: str | os.PathLike[str]) -> pd.DataFrame
             values = pd.to_numeric(frame[column]) if dtype == "float64" else frame[column]
             frame[column] = values.astype(dtype)
         except (TypeError, ValueError) as exc:
-            raise InputDataError(source, f"manifest column '{column}' is not {dtype}", str(exc).splitlines()[0]) from exc
+            raise InputDataError(source, f"manifest column '{column}' is not {dtype}",
+                                 str(exc).splitlines()[0]) from exc
     bad_split = ~frame["split"].isin(SPLITS)
     if bad_split.any():
-        raise InputDataError(source, f"unknown split '{frame.loc[bad_split, 'split'].iloc[0]}'", "expected train, val or test")
+        raise InputDataError(source, f"unknown split '{frame.loc[bad_split, 'split'].iloc[0]}'",
+                             "expected train, val or test")
     duplicated = frame.duplicated(["case", "vertebra"])
     if duplicated.any():
         row = frame[duplicated].iloc[0]

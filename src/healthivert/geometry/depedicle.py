@@ -5,8 +5,8 @@ posterior (column 0 anterior), axis 2 right -> left. In the mid-sagittal slab of
 body, the spinal canal (empty) and the posterior arch follow each other from anterior to
 posterior; the canal's anterior edge is the body's posterior wall. Everything posterior to that
 wall is cut away, so is anything wider than the front two thirds of the body (transverse
-processes), and of the rest only the largest connected part is kept (stray fragments). A label without a canal gap (already a body, or a segmentation without the arch) is
-left whole.
+processes), and of the rest only the largest connected part is kept (stray fragments). A label
+without a canal gap (already a body, or a segmentation without the arch) is left whole.
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ class ThirdHeights:
 
 
 def _cc_spacing(spacing_mm: float | tuple[float, float, float]) -> float:
+    """The cranio-caudal voxel size of a scalar or ``(CC, AP, LR)`` spacing."""
     if isinstance(spacing_mm, (int, float)):
         return float(spacing_mm)
     return float(spacing_mm[0])

@@ -129,7 +129,8 @@ def prepare_spine(labels: np.ndarray, input_spacing_mm: tuple[float, float, floa
     present = [int(v) for v in centroids if int(v) < len(volumes_in) and volumes_in[int(v)] > 0]
     typical = float(np.median(volumes_in[present])) if present else 0.0
     # fragments (a process cut by the scan's edge) have centroids far off the spine: keep them off the curve
-    on_curve = {v: c for v, c in centroids.items() if int(v) in present and volumes_in[int(v)] >= fragment_share * typical}
+    on_curve = {v: c for v, c in centroids.items()
+                if int(v) in present and volumes_in[int(v)] >= fragment_share * typical}
     if len(on_curve) < 2:
         on_curve = dict(centroids)
     straight = straighten(labels, input_spacing_mm, on_curve, spacing_mm=spacing_mm, width=width,

@@ -2,16 +2,18 @@
 
 Input volumes are canonical ``IPL`` arrays (axis 0 superior -> inferior, axis 1 anterior -> posterior,
 axis 2 right -> left) with any voxel size. The curve is a cubic smoothing spline through the vertebra
-centroids, parametrised by arc length and continued in a straight line beyond the end vertebrae. The
+centroids (refitted with outlying centroids down-weighted: a fracture moves its vertebra's centroid),
+parametrised by arc length and continued in a straight line beyond the end vertebrae. The
 straightened grid has ``spacing_mm`` voxels in the same ``IPL`` order: axis 0 = arc length (cranial
 first), axis 1 = the local anterior -> posterior axis, axis 2 = the local right -> left axis, the curve
 running through the grid's central AP column and LR slice.
 
 The moving frame is rotation-minimising: at the curve's midpoint its AP axis is the scan's AP axis
-(projected onto the plane normal to the curve) and its LR axis the scan's right -> left axis, and
-from there it is parallel-transported along the curve in both directions. It is not the Frenet frame: the Frenet normal points to the centre of curvature, so it flips by
-180 degrees at every inflection point of the spine (cervico-thoracic and thoraco-lumbar junctions) and
-is undefined where the spine is straight.
+(projected onto the plane normal to the curve) and its LR axis the scan's right -> left axis; from
+there it is parallel-transported along the curve in both directions. It is not the Frenet frame:
+the Frenet normal points to the centre of curvature, so it flips by 180 degrees at every inflection
+point of the spine (cervico-thoracic and thoraco-lumbar junctions) and is undefined where the spine
+is straight.
 
 We implement the curve ourselves rather than depending on the neuro-ml ``straighten`` package on PyPI
 (0.2.0, a single 2022 release for Python <= 3.10 whose default local basis is Frenet-Serret and which
@@ -29,7 +31,7 @@ from scipy import interpolate, ndimage
 #: rows resampled per call of ``map_coordinates`` (bounds the memory of the coordinate arrays).
 _CHUNK_ROWS = 48
 #: reweighted refits of the spine curve (robust to centroids displaced by fractures).
-_ROBUST_ITERATIONS = 4
+_ROBUST_REFITS = 3
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -166,13 +168,12 @@ def _fit_curve(centroids_mm: np.ndarray, chord: np.ndarray, degree: int, smoothi
     the fit (Cauchy weights on the residual over a robust scale) pull less on the next fit.
     """
     n = len(centroids_mm)
-    weights = np.ones(n)
-    tck = None
-    for _ in range(_ROBUST_ITERATIONS):
-        tck, _ = interpolate.splprep(centroids_mm.T, w=weights, u=chord, k=degree, s=n * smoothing_mm**2)
+    tck, _ = interpolate.splprep(centroids_mm.T, u=chord, k=degree, s=n * smoothing_mm**2)
+    for _ in range(_ROBUST_REFITS):
         residual = np.linalg.norm(np.stack(interpolate.splev(chord, tck), axis=1) - centroids_mm, axis=1)
         scale = max(1.4826 * float(np.median(residual)), smoothing_mm, 1e-3)
         weights = 1.0 / (1.0 + (residual / (2.0 * scale)) ** 2)
+        tck, _ = interpolate.splprep(centroids_mm.T, w=weights, u=chord, k=degree, s=n * smoothing_mm**2)
     return tck
 
 

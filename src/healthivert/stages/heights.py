@@ -14,9 +14,10 @@ import math
 from pathlib import Path
 
 import pandas as pd
+from pydantic import ValidationError
 
 from healthivert.config import PreprocessParams, RhlvParams
-from healthivert.errors import InputDataError
+from healthivert.errors import ConfigError, InputDataError
 from healthivert.geometry.spine import prepare_spine, spine_heights
 from healthivert.io.atomic import atomic_path
 from healthivert.io.case import SpineCase, load_mask_case
@@ -97,5 +98,12 @@ def run(mask: Path, out: Path, ctd: Path | None = None, spacing_mm: float = 1.0,
 
 def execute(args: argparse.Namespace) -> None:
     """Run the tool from parsed arguments."""
-    run(args.mask, args.out, args.ctd, args.spacing_mm, not args.keep_arch, args.central_fraction,
-        args.column_threshold)
+    try:  # the same bounds as the rhlv parameters
+        columns = RhlvParams(central_fraction=args.central_fraction, column_threshold=args.column_threshold)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"--{str(first['loc'][0]).replace('_', '-')}", first["msg"]) from None
+    if args.spacing_mm <= 0:
+        raise ConfigError("--spacing-mm", "must be positive")
+    run(args.mask, args.out, args.ctd, args.spacing_mm, not args.keep_arch, columns.central_fraction,
+        columns.column_threshold)
