@@ -115,19 +115,25 @@ def test_group_id_and_explicit_parent(workdir: Path, store: str, monkeypatch: py
 
 def test_stage_is_tagged_with_dvc_data_hashes(workdir: Path, store: str) -> None:
     (workdir / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "phantom": {"cmd": "healthivert phantom", "deps": ["src/healthivert/phantom"]},
         "svm_fit": {"cmd": "healthivert svm-fit", "deps": ["data/rhlv/rhlv.parquet", "src/healthivert/grading"]},
         "rhlv": {"cmd": "healthivert rhlv", "deps": ["data/synthesized"]}}}))
     (workdir / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
-        "rhlv": {"cmd": "healthivert rhlv", "outs": [{"path": "data/rhlv/rhlv.parquet", "md5": "abc123"}]}}}))
-    with stage_run("svm-fit", _params("lineage"), ("svm_fit",)):
-        pass
-    with stage_run("rhlv", _params("lineage"), ("rhlv",)):
-        pass
-    _, (fit, rhlv) = _runs(store, "lineage")
-    assert fit.data.tags["dvc.dep.data/rhlv/rhlv.parquet"] == "abc123"
+        "rhlv": {"cmd": "healthivert rhlv", "outs": [{"path": "data/rhlv", "md5": "ab12cd.dir"}]},
+        "svm_fit": {"cmd": "healthivert svm-fit",  # the previous run's input: stale, not to be used
+                    "deps": [{"path": "data/rhlv/rhlv.parquet", "md5": "0ld0ld"}]}}}))
+    listing = workdir / ".dvc" / "cache" / "files" / "md5" / "ab" / "12cd.dir"
+    listing.parent.mkdir(parents=True)
+    listing.write_text(json.dumps([{"relpath": "maps/a.png", "md5": "111"}, {"relpath": "rhlv.parquet", "md5": "222"}]))
+    for stage, section in (("svm-fit", "svm_fit"), ("rhlv", "rhlv"), ("phantom", "phantom")):
+        with stage_run(stage, _params("lineage"), (section,)):
+            pass
+    _, (fit, rhlv, phantom) = _runs(store, "lineage")
+    assert fit.data.tags["dvc.dep.data/rhlv/rhlv.parquet"] == "222"  # from the current folder listing
     assert "dvc.dep.src/healthivert/grading" not in fit.data.tags
     assert len(fit.data.tags["dvc.data_hash"]) == 16
     assert rhlv.data.tags["dvc.data_hash"] == "unknown"  # its input was never produced by DVC
+    assert phantom.data.tags["dvc.data_hash"] == "none"  # no data inputs
     assert fit.data.tags["git.commit"] == "unknown"  # the scratch folder is no git repository
 
 

@@ -20,6 +20,10 @@ class HealthiVertError(Exception):
         self.hint = hint
         super().__init__(str(self))
 
+    def __reduce__(self) -> tuple[type, tuple[str, str, str | None]]:
+        """Rebuild from the three fields (so errors survive multiprocessing)."""
+        return (type(self), (self.source, self.problem, self.hint))
+
     def __str__(self) -> str:
         text = f"{self.source}: {self.problem}"
         if self.hint:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from healthivert.config import Params, PreprocessParams, dump_params
 from healthivert.data.manifest import COLUMNS, crop_name, read_manifest, resolve, write_manifest
-from healthivert.data.splits import split_patients
+from healthivert.data.splits import patient_of, split_patients
 from healthivert.errors import InputDataError
 from healthivert.geometry.crops import crop_origin, crop_vertebra
 from healthivert.geometry.morphometry import heights_on, select_columns
@@ -175,7 +175,10 @@ def _attach_grades(rows: pd.DataFrame, grades: pd.DataFrame | None, params: Prep
     """Fill ``grade`` (from the grades file, else the phantom truth) and ``split`` (given, else by patient)."""
     if grades is not None:
         keyed = grades.set_index(["case", "vertebra"])["grade"]
-        index = pd.MultiIndex.from_arrays([rows["case"].astype(str), rows["vertebra"].astype(int)])
+        # Grade files key scans by case id, or by patient (VerSe'20 scans are named sub-x_dir-ax).
+        known = set(grades["case"].astype(str))
+        keys = rows["case"].astype(str).map(lambda case: case if case in known else patient_of(case))
+        index = pd.MultiIndex.from_arrays([keys, rows["vertebra"].astype(int)])
         rows["grade"] = pd.array(keyed.reindex(index).to_numpy(), dtype="Int64")
         split_source = grades
     else:

@@ -1,9 +1,10 @@
 """Where a run's code and data come from: git commit, parameter digest and DVC data hashes.
 
 The data hash of a stage is read from DVC's own records, not recomputed: for every data dependency
-the stage declares in ``dvc.yaml``, the md5 that ``dvc.lock`` records for the upstream stage that
-produced it (or for the dependency itself). During ``dvc repro`` the upstream stages have already
-written their entries, so the hash names exactly the inputs the stage is about to read.
+the stage declares in ``dvc.yaml``, the md5 that ``dvc.lock`` records for the upstream output that
+holds it (for a file inside an output folder, its entry in the folder's cached listing). During
+``dvc repro`` the upstream stages have already written their entries, so the hash names exactly
+the inputs the stage is about to read.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: dependencies under these folders are code, not data (their hashes are covered by the git commit).
 CODE_PREFIXES = ("src/",)
+#: where DVC 3 keeps cached files by md5 (``<md5[:2]>/<md5[2:]>``), relative to the project root.
+CACHE_FILES = Path(".dvc") / "cache" / "files" / "md5"
 
 UNKNOWN = "unknown"
 
@@ -61,8 +64,10 @@ class DataLineage:
 
     @property
     def digest(self) -> str:
-        """One hash over every input (``unknown`` when any input is unrecorded or none is known)."""
-        if not self.inputs or UNKNOWN in self.inputs.values():
+        """One hash over every input (``none`` without inputs, ``unknown`` when any is unrecorded)."""
+        if not self.inputs:
+            return "none"
+        if UNKNOWN in self.inputs.values():
             return UNKNOWN
         payload = json.dumps(sorted(self.inputs.items()))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -83,15 +88,34 @@ def _read_yaml(path: Path) -> dict:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def _locked_hashes(lock: dict) -> dict[str, str]:
-    """Path -> md5 of every dependency and output that ``dvc.lock`` records (outputs win)."""
-    recorded: dict[str, dict[str, str]] = {"deps": {}, "outs": {}}
-    for entry in (lock.get("stages") or {}).values():
-        for kind, hashes in recorded.items():
-            for item in entry.get(kind) or []:
-                if "md5" in item:
-                    hashes[str(item["path"]).rstrip("/")] = str(item["md5"])
-    return {**recorded["deps"], **recorded["outs"]}
+def _recorded_outputs(lock: dict) -> dict[str, str]:
+    """Path -> md5 of every stage output ``dvc.lock`` records (current once its stage has run).
+
+    Dependency records are not used: they describe the inputs of the previous run of a stage.
+    """
+    return {str(item["path"]).rstrip("/"): str(item["md5"])
+            for entry in (lock.get("stages") or {}).values()
+            for item in entry.get("outs") or [] if "md5" in item}
+
+
+def _file_in_folder(root: Path, folder_md5: str, relative: str) -> str:
+    """The md5 of ``relative`` inside a cached output folder, from DVC's ``.dir`` listing in the cache."""
+    listing = root / CACHE_FILES / folder_md5[:2] / folder_md5[2:]
+    try:
+        entries = json.loads(listing.read_text())
+    except (OSError, ValueError):
+        return UNKNOWN
+    return next((str(e["md5"]) for e in entries if e.get("relpath") == relative and "md5" in e), UNKNOWN)
+
+
+def _input_hash(path: str, outputs: dict[str, str], root: Path) -> str:
+    """The recorded md5 of a data input: an output itself, or a file inside an output folder."""
+    if path in outputs:
+        return outputs[path]
+    for out, md5 in outputs.items():
+        if path.startswith(out + "/") and md5.endswith(".dir"):
+            return _file_in_folder(root, md5, path[len(out) + 1:])
+    return UNKNOWN
 
 
 def dvc_lineage(stage: str, root: Path) -> DataLineage:
@@ -108,10 +132,10 @@ def dvc_lineage(stage: str, root: Path) -> DataLineage:
     definition = (_read_yaml(root / "dvc.yaml").get("stages") or {}).get(name)
     if not definition:
         return DataLineage(stage=name)
-    hashes = _locked_hashes(_read_yaml(root / "dvc.lock"))
+    outputs = _recorded_outputs(_read_yaml(root / "dvc.lock"))
     inputs = {}
     for dep in definition.get("deps") or []:
         path = str(dep).rstrip("/")
         if not path.startswith(CODE_PREFIXES):
-            inputs[path] = hashes.get(path, UNKNOWN)
+            inputs[path] = _input_hash(path, outputs, root)
     return DataLineage(stage=name, inputs=inputs)
