@@ -6,6 +6,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -15,9 +16,11 @@ from torch.utils.data import DataLoader
 from healthivert.config import LossWeights, ModelParams, NetworkSize
 from healthivert.data.dataset import SliceDataset, target_rows
 from healthivert.errors import CheckpointError
+from healthivert.models.classifier import FractureClassifier
 from healthivert.models.discriminator import Discriminators
 from healthivert.models.generator import HealthiVertGenerator
 from healthivert.training.checkpoint import CHECKPOINT_NAME
+from healthivert.training.classifier import attention_volume
 from healthivert.training.gan import InpaintingTask
 from healthivert.training.loop import LoopSettings, fit
 from healthivert.training.runtime import Runtime, runtime_for, seed_everything
@@ -158,3 +161,16 @@ def test_distributed_data_parallel_on_two_cpu_processes(data, tmp_path: Path) ->
     assert rank0["seen"] != rank1["seen"]                                                     # each rank its own share
     assert (tmp_path / "ckpt" / CHECKPOINT_NAME).exists()
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [CHECKPOINT_NAME]
+
+
+def test_attention_volume_interpolates_between_computed_slices() -> None:
+    torch.manual_seed(0)
+    classifier = FractureClassifier(TINY)
+    ct = np.random.default_rng(0).integers(0, 256, size=(32, 24, 9), dtype=np.uint8)
+    every = attention_volume(classifier, ct, torch.device("cpu"), slice_step=1)
+    sparse = attention_volume(classifier, ct, torch.device("cpu"), slice_step=4)
+    assert every.shape == sparse.shape == ct.shape and every.dtype == np.float32
+    assert 0.0 <= every.min() and every.max() <= 1.0
+    for k in (0, 4, 8):
+        np.testing.assert_allclose(sparse[:, :, k], every[:, :, k], atol=1e-5)
+    np.testing.assert_allclose(sparse[:, :, 1], 0.75 * every[:, :, 0] + 0.25 * every[:, :, 4], atol=1e-5)

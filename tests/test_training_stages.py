@@ -80,6 +80,7 @@ def test_coarse_stage_writes_models_card_samples_and_attention_for_every_crop(tr
         for name in ("mae_hu", "dice", "height_error_mm"):
             assert np.isfinite(metrics[f"val/{who}/{name}"])
     assert metrics["val/nearest/dice"] > 0.9                     # the boxes' neighbours are copies of healthy targets
+    assert 0.0 <= metrics["val/classifier/balanced_accuracy"] <= 1.0 and "train/loss_classifier" in metrics
 
 
 def test_fine_stage_starts_from_the_coarse_generator(trained: Path) -> None:

@@ -173,8 +173,8 @@ class TrainParams(Section):
 class ClassifierParams(Section):
     """Fracture classifier behind the HealthiVert-Guided Attention Module (Grad-CAM++ maps)."""
 
-    epochs: int = Field(3, ge=1)
-    steps_per_epoch: int = Field(60, ge=1)
+    epochs: int = Field(2, ge=1)
+    steps_per_epoch: int = Field(40, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     seed: int = 0

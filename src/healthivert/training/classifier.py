@@ -63,7 +63,7 @@ class ClassifierTask:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         accuracy = ((logits.detach() > 0).float() == batch["label"]).float().mean()
-        return {"loss": float(loss.detach()), "accuracy": float(accuracy)}
+        return {"loss_classifier": float(loss.detach()), "accuracy_classifier": float(accuracy)}
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader[Any]) -> dict[str, float]:
@@ -86,10 +86,10 @@ class ClassifierTask:
                 "balanced_accuracy": float(np.nanmean(rates)) if np.isfinite(rates).any() else float("nan")}
 
     def end_epoch(self, epoch: int, sink: MetricSink | None) -> dict[str, float]:
-        """Validation metrics of the epoch (``val/...``), empty without a validation set."""
+        """Validation metrics of the epoch (``val/classifier/...``), empty without a validation set."""
         if self.validation is None or not self.runtime.is_main:
             return {}
-        return {f"val/{k}": v for k, v in self.evaluate(self.validation).items()}
+        return {f"val/classifier/{k}": v for k, v in self.evaluate(self.validation).items()}
 
 
 def attention_volume(classifier: FractureClassifier, ct_u8: np.ndarray, device: torch.device, slice_step: int = 1,
@@ -134,7 +134,8 @@ def train_classifier(manifest: pd.DataFrame, root: Path, model_params: ModelPara
     Validation (balanced accuracy) uses the val split's central slices when it has graded vertebrae.
 
     Returns:
-        The trained classifier (on the runtime's device) and its final metrics (``classifier/...``).
+        The trained classifier (on the runtime's device) and its final metrics (``train/loss_classifier``,
+        ``train/accuracy_classifier``, ``val/classifier/balanced_accuracy``, ...).
 
     Raises:
         InputDataError: the train split has no graded vertebra.
@@ -152,7 +153,7 @@ def train_classifier(manifest: pd.DataFrame, root: Path, model_params: ModelPara
                                 batch_size=params.batch_size)
     task = ClassifierTask(FractureClassifier(model_params), params.lr, 0.9, runtime, validation)
     result = fit(task, train, settings, runtime, checkpoint_dir, digest, sink, description="classifier")
-    metrics = {f"classifier/{k}": v for k, v in result.last_losses.items()}
+    metrics = {f"train/{k}": v for k, v in result.last_losses.items()}
     if result.history:
-        metrics.update({f"classifier/{k}": v for k, v in result.history[-1].items() if k != "epoch"})
+        metrics.update({k: v for k, v in result.history[-1].items() if k != "epoch"})
     return task.classifier, metrics

@@ -222,7 +222,3 @@ def fit(
         progress.close()
     return FitResult(step=step, resumed_from=resumed_from, history=history, last_losses=last_losses)
 
-
-def checkpoint_folder(root: str | os.PathLike[str], name: str) -> Path:
-    """The checkpoint folder of one sub-run of a stage (``classifier``, ``generator``)."""
-    return Path(root) / name
