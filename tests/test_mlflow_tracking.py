@@ -1,7 +1,10 @@
 """MLflow tracking: nested stage runs under one parent per pipeline execution, statuses, lineage, models."""
 
 import json
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -169,3 +172,18 @@ def test_unreachable_store_is_a_one_line_error(workdir: Path, monkeypatch: pytes
             stage_run("rhlv", _params("unreachable"), ("rhlv",)):
         pass
     assert "\n" not in str(info.value) and "tracking.enabled=false" in str(info.value)
+
+
+def test_terminated_stage_is_marked_failed(workdir: Path, store: str) -> None:
+    """SIGTERM (DVC or Kubernetes stopping a step) must not leave runs RUNNING."""
+    script = ("import os, signal\n"
+              "from healthivert.config import load_params\n"
+              "from healthivert.tracking import stage_run\n"
+              "with stage_run('train-coarse', load_params([], ['tracking.experiment=terminated']), ('train_coarse',)):\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    signal.pause()\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    parents, stages = _runs(store, "terminated")
+    assert [r.info.status for r in stages] == ["FAILED"]
+    assert [r.info.status for r in parents] == ["FAILED"]

@@ -165,6 +165,7 @@ class TrainParams(Section):
     checkpoint_every: int = Field(50, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    cpu_threads: int = Field(0, ge=0)
     num_workers: int = Field(0, ge=0)
     val_slice_ratios: tuple[float, ...] = (0.0, 0.4)
     losses: LossWeights = LossWeights()

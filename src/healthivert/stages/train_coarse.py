@@ -132,7 +132,7 @@ def run(params: Params, data: Path, out: Path, attention_out: Path, checkpoint_d
     data_digest = file_digest(data / MANIFEST_NAME)
     start = time.perf_counter()
     metrics: dict[str, float] = {}
-    with runtime_for(train.device, train.precision) as runtime:
+    with runtime_for(train.device, train.precision, train.cpu_threads) as runtime:
         sink = tracker if runtime.is_main else None
         classifier_digest = digest_of(params.model.network.model_dump(mode="json"),
                                       train.classifier.model_dump(mode="json"), train.view, train.precision, data_digest)

@@ -51,7 +51,7 @@ def run(params: Params, data: Path, attention: Path, coarse: Path, out: Path, ch
         raise InputDataError(attention, "attention maps not found (no index.parquet)", "run 'healthivert train-coarse' first")
     train = params.train_fine
     coarse_model = coarse / "generator.pt"
-    with runtime_for(train.device, train.precision) as runtime:
+    with runtime_for(train.device, train.precision, train.cpu_threads) as runtime:
         initial = load_generator(coarse_model, "cpu", expected=params.model)
         data_digest = file_digest(data / MANIFEST_NAME) + "+" + file_digest(coarse_model)
         params_digest = training_digest(params, train, "fine", data_digest)

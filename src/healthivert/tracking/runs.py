@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -221,11 +223,32 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...],
     tags.update({"healthivert.kind": "stage", "healthivert.stage": stage})
     failed = True
     try:
-        with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent.run_id,
-                              tags=tags) as run:
+        with _terminate_as_exit(), mlflow.start_run(experiment_id=experiment_id, run_name=stage,
+                                                    parent_run_id=parent.run_id, tags=tags) as run:
             log.info("MLflow run %s (%s) in pipeline run %s", run.info.run_id, stage, parent.run_id)
             log_param_tree(client, run.info.run_id, _section_tree(params, sections))
             yield StageTracker(run.info.run_id, register_models=params.tracking.register_models)
             failed = False
     finally:
         close_parent(client, parent, stage, failed)
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """Turn SIGTERM (DVC or Kubernetes stopping a stage) into ``SystemExit`` so runs end FAILED.
+
+    Without it the process dies on the spot and its runs stay RUNNING forever. Only the main
+    thread can install signal handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -126,12 +126,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def runtime_for(device: Literal["auto", "cpu", "cuda"], precision: Literal["auto", "fp32", "bf16", "fp16"]) -> Iterator[Runtime]:
+def runtime_for(device: Literal["auto", "cpu", "cuda"], precision: Literal["auto", "fp32", "bf16", "fp16"],
+                cpu_threads: int = 0) -> Iterator[Runtime]:
     """Set up the process (joining the ``torchrun`` process group when launched by it) and tear it down.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process group uses NCCL on CUDA and
     gloo on CPU; a group that already exists (set up by the caller) is reused and left open.
+
+    Args:
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        precision: autocast choice, see :func:`choose_precision`.
+        cpu_threads: intra-op threads (0 keeps torch's default, one per core). On a machine whose
+            cores are oversubscribed by other processes, 1 thread was measured 3-4x faster than 2
+            (OpenMP threads wait on each other; ``benchmarks/bench_training.py --threads``).
     """
+    if cpu_threads > 0:
+        torch.set_num_threads(cpu_threads)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dev = choose_device(device)
     created = False
