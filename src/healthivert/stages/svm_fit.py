@@ -117,7 +117,12 @@ def run(params: Params, rhlv_table: Path, out: Path) -> dict[str, float]:
     baseline = None
     if baseline_features and all(c in table.columns for c in baseline_features):
         defined = table.dropna(subset=list(baseline_features))
-        baseline = _fit(defined, params, baseline_features, rhlv_table)
+        try:
+            baseline = _fit(defined, params, baseline_features, rhlv_table)
+        except InputDataError as exc:
+            log.warning("mask-only baseline not fitted: %s", exc)
+    metrics["baseline_available"] = float(baseline is not None)
+    if baseline is not None:
         metrics.update({f"baseline_{key}": value for key, value in baseline.metrics.items()})
         merged = predictions.merge(baseline.predictions[["case", "vertebra", "predicted"]].rename(
             columns={"predicted": "predicted_baseline"}), on=["case", "vertebra"], how="left")

@@ -61,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def training_digest(params: Params, train: TrainParams, *parts: Any) -> str:
-    """Hash of what a training run depends on (device and worker count excluded: they do not change the result)."""
-    settings = train.model_dump(mode="json", exclude={"device", "num_workers"})
+    """Hash of what a training run depends on (device, worker and thread counts excluded: a run may resume elsewhere)."""
+    settings = train.model_dump(mode="json", exclude={"device", "num_workers", "cpu_threads"})
     return digest_of(params.model.model_dump(mode="json"), settings, *parts)
 
 
