@@ -87,7 +87,10 @@ class CoarseGenerator(nn.Module):
             conv_block(2 * c, 4 * c, stride=2), conv_block(4 * c, 4 * c), conv_block(4 * c, 4 * c))
         self.dilated = _dilated_stack(4 * c)
         self.middle = nn.Sequential(conv_block(4 * c, 4 * c), conv_block(4 * c, 4 * c))
+        # CT and segmentation get decoders of their own: through one shared decoder the L1 term
+        # (weight 200) starves the segmentation of features and its Dice never falls
         self.decoder = _Decoder(c, 1 if use_attention else 0)
+        self.seg_decoder = _Decoder(c, 1 if use_attention else 0)
         self.ct_head = nn.Conv2d(max(c // 2, 1), 1, 3, padding=1)
         self.seg_head = nn.Conv2d(max(c // 2, 1), 1, 3, padding=1)
         self.feature_channels = 4 * c
@@ -96,8 +99,10 @@ class CoarseGenerator(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(B, 3, H, W)`` input -> CT in [-1, 1], segmentation in (0, 1), deepest features."""
         deep = self.dilated(self.encoder(x))
-        y = self.decoder(self.middle(deep), attention)
-        return self.ct_head(y).clamp(-1.0, 1.0), torch.sigmoid(self.seg_head(y)), deep
+        middle = self.middle(deep)
+        ct = self.ct_head(self.decoder(middle, attention)).clamp(-1.0, 1.0)
+        seg = torch.sigmoid(self.seg_head(self.seg_decoder(middle, attention)))
+        return ct, seg, deep
 
 
 class FineGenerator(nn.Module):
@@ -131,6 +136,7 @@ class FineGenerator(nn.Module):
         merged = 8 * c if contextual_attention else 4 * c
         self.merge = nn.Sequential(conv_block(merged, 4 * c), conv_block(4 * c, 4 * c))
         self.decoder = _Decoder(c, 1 if use_attention else 0)
+        self.seg_decoder = _Decoder(c, 1 if use_attention else 0)
         self.ct_head = nn.Conv2d(max(c // 2, 1) + 1, 1, 3, padding=1)
         self.seg_head = nn.Conv2d(max(c // 2, 1) + 1, 1, 3, padding=1)
         self.feature_channels = merged
@@ -144,9 +150,9 @@ class FineGenerator(nn.Module):
             filled = self.contextual_attention(encoded, encoded, mask)
             features.append(self.attention_decoder(filled))
         deep = torch.cat(features, 1)
-        y = self.decoder(self.merge(deep), attention)
-        ct = self.ct_head(torch.cat([y, x[:, 1:2]], 1)).clamp(-1.0, 1.0)
-        seg = torch.sigmoid(self.seg_head(torch.cat([y, ct], 1)))
+        merged = self.merge(deep)
+        ct = self.ct_head(torch.cat([self.decoder(merged, attention), x[:, 1:2]], 1)).clamp(-1.0, 1.0)
+        seg = torch.sigmoid(self.seg_head(torch.cat([self.seg_decoder(merged, attention), ct], 1)))
         return ct, seg, deep
 
 

@@ -109,7 +109,9 @@ class InpaintingTask:
         self.generator.train()
         self.discriminators.train()
         with self.runtime.autocast():
-            output = self.g_net(batch["ct"], batch["mask"], batch["slice_ratio"], batch["attention"], stage=self.stage)
+            # pixel losses compare at the true height; the height heads learn from their own loss (SHRM)
+            output = self.g_net(batch["ct"], batch["mask"], batch["slice_ratio"], batch["attention"],
+                                stage=self.stage, assemble_height=batch["height"])
         losses: dict[str, float] = {}
         if self.uses_gan:
             _set_requires_grad(self.discriminators, True)
