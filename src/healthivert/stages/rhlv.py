@@ -5,6 +5,7 @@ Reads the preprocessing manifest and the synthesised labels (``--synth``, or wit
 GAN) and writes ``rhlv.parquet`` (one row per vertebra) and ``maps/<name>.nii.gz`` + ``.png``.
 
 Columns of ``rhlv.parquet``: ``case, vertebra, name, split, grade, fracture_type``; sagittal
+``measurable`` and ``problem`` (a synthesis too degenerate to measure: RHLV NaN, not graded),
 ``rhlv_ant/mid/post/body``, ``rhlv_max`` (worst third), ``shape_ratio``, heights
 ``h_syn_*_mm``/``h_ori_*_mm`` (``*`` = ant, mid, post, body); coronal ``rhlv_cor_right/mid/left``;
 the mask-only neighbour baseline ``baseline_loss_ant/mid/post/max``; ``truth_loss_*`` (phantoms,
@@ -124,8 +125,8 @@ def measure_vertebra(row: pd.Series, data: Path, syn_path: Path, params: Params
     """RHLV (sagittal and coronal) of one manifest row; returns the table record and the loss map.
 
     Raises:
-        InputDataError: unreadable labels, different grids, the vertebra missing on one side, or a
-            third without measurable columns.
+        InputDataError: unreadable labels, different grids, or the vertebra missing on one side. A
+            synthesised body too degenerate to measure gives a row with ``measurable`` false instead.
     """
     name = crop_name(row["case"], row["vertebra"])
     original = load_volume(resolve(data, row["label_path"]), label=True)
@@ -136,15 +137,17 @@ def measure_vertebra(row: pd.Series, data: Path, syn_path: Path, params: Params
     spacing = original.spacing_mm
     sagittal = rhlv_with_params(syn, ori, spacing, params.rhlv, "sagittal")
     coronal = rhlv_with_params(syn, ori, spacing, params.rhlv, "coronal")
-    for third, value in zip(THIRD_NAMES, sagittal.as_tuple()):
-        if not np.isfinite(value):
-            raise InputDataError(syn_path, f"{name}: no measurable column in the {third} third of the synthesised body",
-                                 "is the synthesised label empty or cut off?")
+    unmeasured = [third for third, value in zip(THIRD_NAMES, sagittal.as_tuple()) if not np.isfinite(value)]
+    problem = ""
+    if unmeasured:
+        # a degenerate synthesis is reported on its row (and not graded), not allowed to stop the whole run
+        problem = f"no measurable column in the {', '.join(unmeasured)} third(s) of the synthesised body"
+        log.warning("%s: %s: %s", syn_path, name, problem)
     record = {
         "case": row["case"], "vertebra": int(row["vertebra"]), "name": row["name"], "split": row["split"],
-        "grade": row["grade"], "fracture_type": row["fracture_type"],
+        "grade": row["grade"], "fracture_type": row["fracture_type"], "measurable": not unmeasured, "problem": problem,
         "rhlv_ant": sagittal.ant, "rhlv_mid": sagittal.mid, "rhlv_post": sagittal.post, "rhlv_body": sagittal.body,
-        "rhlv_max": max(sagittal.as_tuple()), "shape_ratio": sagittal.shape_ratio,
+        "rhlv_max": float(np.max(sagittal.as_tuple())), "shape_ratio": sagittal.shape_ratio,
     }
     for part in ("ant", "mid", "post", "body"):
         record[f"h_syn_{part}_mm"] = getattr(sagittal.syn, f"{part}_mm")
@@ -167,7 +170,8 @@ def summarise(table: pd.DataFrame) -> dict[str, float]:
     ``rhlv_mae*`` are RHLV's errors, ``baseline_mae*`` those of the mask-only neighbour baseline
     (over the vertebrae where it has neighbours).
     """
-    metrics = {"rhlv_vertebrae": float(len(table))}
+    metrics = {"rhlv_vertebrae": float(len(table)), "rhlv_unmeasurable": float((~table["measurable"]).sum())}
+    table = table[table["measurable"]]
     truth = table.dropna(subset=[f"truth_loss_{third}" for third in THIRD_NAMES])
     if len(truth):
         metrics["rhlv_vertebrae_with_truth"] = float(len(truth))

@@ -81,6 +81,12 @@ def read_rhlv_table(path: Path, features: tuple[str, ...]) -> pd.DataFrame:
     if repeated.any():
         row = table[repeated].iloc[0]
         raise InputDataError(path, f"{row['case']}_{row['vertebra']} listed twice")
+    if "measurable" in table.columns:
+        unmeasurable = ~table["measurable"].astype(bool)
+        if unmeasurable.any():
+            log.warning("%s: %d vertebra(e) without a measurable synthesis are not graded: %s", path,
+                        int(unmeasurable.sum()), ", ".join(f"{r.case}_{r.vertebra}" for r in table[unmeasurable].itertuples()))
+            table = table[~unmeasurable]
     nan = table[list(features)].isna().any(axis=1)
     if nan.any():
         row = table[nan].iloc[0]
