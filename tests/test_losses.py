@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from healthivert.config import LossWeights, ModelParams
-from healthivert.losses import (DiscriminatorLoss, GeneratorLoss, dice_loss, edge_loss, masked_l1, real_seg,
+from healthivert.losses import (DiscriminatorLoss, GeneratorLoss, dice_loss, edge_loss, segmentation_bce, masked_l1, real_seg,
                                 relative_height_loss, sobel_edges)
 from healthivert.models.generator import GeneratorOutput
 
@@ -74,7 +74,7 @@ def test_generator_loss_at_the_truth_and_away_from_it() -> None:
     params = ModelParams()
     loss = GeneratorLoss(LossWeights(gan=0.0), params)
     total, terms = loss(perfect_output(b), b, stage="fine")
-    assert set(terms) == {"l1", "dice_coarse", "dice_fine", "edge", "height"}
+    assert set(terms) == {"l1", "dice_coarse", "dice_fine", "seg_bce", "edge", "height"}
     assert total.item() == pytest.approx(0.0, abs=1e-6)
     worse = perfect_output(b)
     worse.ct = b["real_ct"] + 0.1 * b["mask"]
@@ -91,7 +91,7 @@ def test_switches_remove_terms() -> None:
     b = truth_batch()
     out = perfect_output(b)
     _, coarse_terms = GeneratorLoss(LossWeights(gan=0.0), ModelParams())(out, b, stage="coarse")
-    assert set(coarse_terms) == {"l1", "dice_coarse", "height"}
+    assert set(coarse_terms) == {"l1", "dice_coarse", "seg_bce", "height"}
     _, terms = GeneratorLoss(LossWeights(gan=0.0, dice_fine=0.0),
                              ModelParams(edge_module=False, height_module=False))(out, b, stage="fine")
     assert set(terms) == {"l1", "dice_coarse"}
@@ -112,3 +112,15 @@ def test_gan_terms() -> None:
     assert set(d_terms) == {"d_ct", "d_seg", "d_strip"} and d_total.item() < 1e-6
     d_wrong, _ = DiscriminatorLoss()(confident_fake, confident_real)
     assert d_wrong.item() == pytest.approx(3 * 20, rel=1e-3)
+
+
+def test_segmentation_bce_is_zero_at_the_truth_and_keeps_a_gradient_when_saturated() -> None:
+    target = torch.zeros(1, 1, 8, 8)
+    target[..., 2:6, 2:6] = 1
+    assert float(segmentation_bce(target, target)) == pytest.approx(0.0, abs=1e-6)
+    logits = torch.full_like(target, 6.0, requires_grad=True)  # saturated "all ones"
+    soft_dice = dice_loss(torch.sigmoid(logits), target)
+    (dice_grad,) = torch.autograd.grad(soft_dice, logits)
+    (bce_grad,) = torch.autograd.grad(segmentation_bce(torch.sigmoid(logits), target), logits)
+    background = target == 0
+    assert bce_grad[background].mean() > 20 * dice_grad[background].mean()

@@ -149,6 +149,9 @@ class LossWeights(Section):
     dice_fine: float = Field(15.0, ge=0.0)
     edge: float = Field(800.0, ge=0.0)
     height: float = Field(40.0, ge=0.0)
+    #: not in the paper (0 restores it): pixel-wise BCE beside each Dice term. Soft Dice alone lets a
+    #: segmentation head that is not yet discriminative saturate to all ones, where its gradient vanishes.
+    seg_bce: float = Field(10.0, ge=0.0)
 
 
 class TrainParams(Section):

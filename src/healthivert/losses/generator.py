@@ -12,7 +12,8 @@ from typing import Literal
 import torch
 
 from healthivert.config import LossWeights, ModelParams
-from healthivert.losses.terms import dice_loss, edge_loss, gan_loss, masked_l1, relative_height_loss
+from healthivert.losses.terms import (dice_loss, edge_loss, gan_loss, masked_l1, relative_height_loss,
+                                      segmentation_bce)
 from healthivert.models.generator import GeneratorOutput
 
 Stage = Literal["coarse", "fine"]
@@ -75,6 +76,10 @@ class GeneratorLoss:
             terms["dice_coarse"] = w.dice_coarse * dice_loss(output.coarse_seg_assembled, batch["real_neighbours"])
         if fine and w.dice_fine > 0:
             terms["dice_fine"] = w.dice_fine * dice_loss(output.seg, batch["real_target"])
+        if w.seg_bce > 0:
+            terms["seg_bce"] = w.seg_bce * segmentation_bce(output.coarse_seg_assembled, batch["real_neighbours"])
+            if fine:
+                terms["seg_bce"] = terms["seg_bce"] + w.seg_bce * segmentation_bce(output.seg, batch["real_target"])
         if fine and w.edge > 0 and self.model_params.edge_module:
             terms["edge"] = w.edge * edge_loss(output.seg, batch["real_target"])
         if w.height > 0 and self.model_params.height_module:

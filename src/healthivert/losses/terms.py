@@ -28,6 +28,16 @@ def dice_loss(probability: torch.Tensor, target: torch.Tensor, smooth: float = 1
     return (1.0 - (2.0 * overlap + smooth) / (total + smooth)).mean()
 
 
+def segmentation_bce(probability: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pixel-wise binary cross-entropy of a sigmoid segmentation (its logit gradient is ``p - y``).
+
+    Written out rather than ``F.binary_cross_entropy``, which autocast refuses.
+    """
+    p, y = probability.float(), target.float()
+    eps = 1e-7
+    return -(y * p.clamp_min(eps).log() + (1 - y) * (1 - p).clamp_min(eps).log()).mean()
+
+
 def sobel_edges(label: torch.Tensor) -> torch.Tensor:
     """Edge map of a ``(B, 1, H, W)`` label: fixed Sobel gradient magnitude, clipped to 1 (edge padding)."""
     kernel_x = _SOBEL_X.to(label)
