@@ -92,7 +92,7 @@ def test_switches_remove_terms() -> None:
     out = perfect_output(b)
     _, coarse_terms = GeneratorLoss(LossWeights(gan=0.0), ModelParams())(out, b, stage="coarse")
     assert set(coarse_terms) == {"l1", "dice_coarse", "seg_bce", "height"}
-    _, terms = GeneratorLoss(LossWeights(gan=0.0, dice_fine=0.0),
+    _, terms = GeneratorLoss(LossWeights(gan=0.0, dice_fine=0.0, seg_bce=0.0),
                              ModelParams(edge_module=False, height_module=False))(out, b, stage="fine")
     assert set(terms) == {"l1", "dice_coarse"}
     with pytest.raises(ValueError, match="fake_logits"):
