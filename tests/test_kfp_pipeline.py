@@ -142,11 +142,13 @@ TINY = {
     "phantom": {"cases": 3, "vertebrae_per_case": [5, 5], "fracture_share": 0.6, "seed": 1},
     "preprocess": {"crop_shape": [96, 64, 16]},  # 96 rows keep both neighbours (the baseline needs them)
     "model": {"sizes": {"cpu": {"cnum": 4, "disc_channels": 4, "disc_layers": 1, "classifier_channels": 4}}},
-    "train_coarse": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "lr_constant_epochs": 0,
-                     "checkpoint_every": 2, "device": "cpu",
+    # Enough steps (at a high learning rate) for the segmentation heads to mark the vertebrae, so that
+    # the syntheses are measurable and the later steps run on real tables.
+    "train_coarse": {"epochs": 1, "steps_per_epoch": 40, "batch_size": 4, "lr": 0.002, "lr_constant_epochs": 1,
+                     "checkpoint_every": 40, "device": "cpu",
                      "classifier": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2}},
-    "train_fine": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "lr_constant_epochs": 0,
-                   "checkpoint_every": 2, "device": "cpu"},
+    "train_fine": {"epochs": 1, "steps_per_epoch": 40, "batch_size": 4, "lr": 0.002, "lr_constant_epochs": 1,
+                   "checkpoint_every": 40, "device": "cpu"},
     "synthesize": {"device": "cpu"},
     "svm_fit": {"folds": 2, "c_grid": [1.0]},
     "evaluate": {"bootstrap": 20, "report_vertebrae": 2},
