@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from healthivert.errors import InputDataError
+from healthivert.io.tables import read_table
 from healthivert.io.atomic import atomic_path
 
 MANIFEST_NAME = "manifest.parquet"
@@ -114,12 +115,7 @@ def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
-    if not path.is_file():
-        raise InputDataError(path, "manifest not found", "run 'healthivert preprocess' first")
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types for foreign or truncated files
-        raise InputDataError(path, "not a readable Parquet file", type(exc).__name__) from exc
+    frame = read_table(path, "manifest", "run 'healthivert preprocess' first")
     return _coerce(frame, path)
 
 

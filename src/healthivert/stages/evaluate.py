@@ -20,6 +20,7 @@ from tqdm import tqdm
 from healthivert.config import Params
 from healthivert.data.manifest import crop_name, read_manifest, resolve
 from healthivert.errors import InputDataError
+from healthivert.io.tables import read_table
 from healthivert.evaluation.figures import confusion_figure, figure_png, rhlv_truth_figure, vertebra_panel
 from healthivert.evaluation.generation import GenerationScores, generation_scores
 from healthivert.evaluation.grading import bootstrap_scores
@@ -62,12 +63,7 @@ def execute(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------ inputs
 def _read_table(path: Path, what: str, hint: str, columns: tuple[str, ...]) -> pd.DataFrame:
-    if not path.is_file():
-        raise InputDataError(path, f"{what} not found", hint)
-    try:
-        table = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types for foreign or truncated files
-        raise InputDataError(path, "not a readable Parquet file", type(exc).__name__) from exc
+    table = read_table(path, what, hint)
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise InputDataError(path, f"{what} lacks column(s) {', '.join(missing)}", hint)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from healthivert.config import Params
 from healthivert.errors import InputDataError
+from healthivert.io.tables import read_table
 from healthivert.grading import GRADES, GradingResult, fit_grader
 from healthivert.io.atomic import atomic_dir, atomic_path
 from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
@@ -57,12 +58,7 @@ def read_rhlv_table(path: Path, features: tuple[str, ...]) -> pd.DataFrame:
         InputDataError: a missing column, an unknown grade or split, a repeated vertebra, or a
             missing (NaN) feature.
     """
-    if not path.is_file():
-        raise InputDataError(path, "RHLV table not found", "run 'healthivert rhlv' first")
-    try:
-        table = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types for foreign or truncated files
-        raise InputDataError(path, "not a readable Parquet file", type(exc).__name__) from exc
+    table = read_table(path, "RHLV table", "run 'healthivert rhlv' first")
     missing = [c for c in (*KEY_COLUMNS, *features) if c not in table.columns]
     if missing:
         raise InputDataError(path, f"lacks column(s) {', '.join(missing)}",

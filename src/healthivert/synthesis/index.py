@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from healthivert.errors import InputDataError
+from healthivert.io.tables import read_table
 from healthivert.io.atomic import atomic_path
 
 INDEX_NAME = "index.parquet"
@@ -46,12 +47,7 @@ def read_index(folder: str | os.PathLike[str]) -> pd.DataFrame:
         InputDataError: the index is missing, unreadable, lacks columns or lists a vertebra twice.
     """
     path = Path(folder) / INDEX_NAME
-    if not path.is_file():
-        raise InputDataError(path, "synthesis index not found", "run 'healthivert synthesize' first")
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types for foreign or truncated files
-        raise InputDataError(path, "not a readable Parquet file", type(exc).__name__) from exc
+    frame = read_table(path, "synthesis index", "run 'healthivert synthesize' first")
     missing = [column for column in COLUMNS if column not in frame.columns]
     if missing:
         raise InputDataError(path, f"index lacks column(s) {', '.join(missing)}")
