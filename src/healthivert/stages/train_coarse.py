@@ -124,6 +124,15 @@ def write_model_folder(out: Path, params: Params, stage: str, run: GeneratorRun,
             (tmp / SAMPLES).mkdir()
 
 
+def report_model(tracker: StageTracker | None, out: Path, run: GeneratorRun, model_name: str, stage: str,
+                 metrics: dict[str, float]) -> None:
+    """Log a written model folder's generator and card to MLflow (when tracking) and its validation scores."""
+    if tracker is not None:
+        tracker.log_torch_model(run.generator.cpu(), name=model_name)
+        tracker.log_artifact(out / "model_card.json")
+    log.info("train-%s: %s", stage, ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("val/")))
+
+
 def run(params: Params, data: Path, out: Path, attention_out: Path, checkpoint_dir: Path,
         tracker: StageTracker | None = None) -> dict[str, float]:
     """Train the classifier (writing the attention maps) and the coarse generator; returns the metrics."""
@@ -159,10 +168,7 @@ def run(params: Params, data: Path, out: Path, attention_out: Path, checkpoint_d
             write_model_folder(out, params, "coarse", result, manifest, data, data_digest, params_digest, metrics, training,
                                samples, {"classifier.pt": lambda path: save_classifier(
                                    path, classifier, params.model, extra={"metrics": classifier_metrics})})
-            if tracker is not None:
-                tracker.log_torch_model(result.generator.cpu(), name="coarse_generator")
-                tracker.log_artifact(out / "model_card.json")
-            log.info("train-coarse: %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("val/")))
+            report_model(tracker, out, result, "coarse_generator", "coarse", metrics)
         barrier(runtime)
     return metrics
 

@@ -9,7 +9,6 @@ result on the val split's healthy vertebrae with the neighbour baselines, and wr
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import time
 from pathlib import Path
@@ -19,14 +18,13 @@ from healthivert.data.manifest import MANIFEST_NAME, read_manifest
 from healthivert.errors import InputDataError
 from healthivert.models.io import load_generator
 from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
-from healthivert.stages.train_coarse import SAMPLES, barrier, training_digest, write_model_folder
+from healthivert.stages.train_coarse import SAMPLES, barrier, report_model, training_digest, write_model_folder
 from healthivert.tracking.runs import StageTracker, stage_run
 from healthivert.training.checkpoint import file_digest
 from healthivert.training.figures import FolderSink
 from healthivert.training.generator import train_generator
 from healthivert.training.runtime import runtime_for
 
-log = logging.getLogger(__name__)
 
 SECTIONS = ("model", "train_fine")
 
@@ -69,10 +67,7 @@ def run(params: Params, data: Path, attention: Path, coarse: Path, out: Path, ch
                         "validation_slices": result.validation_count, "initialised_from": str(coarse_model)}
             write_model_folder(out, params, "fine", result, manifest, data, data_digest, params_digest, metrics,
                                training, samples)
-            if tracker is not None:
-                tracker.log_torch_model(result.generator.cpu(), name="generator")
-                tracker.log_artifact(out / "model_card.json")
-            log.info("train-fine: %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("val/")))
+            report_model(tracker, out, result, "generator", "fine", metrics)
         barrier(runtime)
     return metrics
 
