@@ -43,7 +43,8 @@ def random_batch(size: int, batch: int, band: int) -> dict[str, torch.Tensor]:
             "attention": torch.ones(batch, 1, size, size), "real_ct": image,
             "real_target": (torch.rand(batch, 1, size, size) > 0.5).float(),
             "real_neighbours": (torch.rand(batch, 1, size, size) > 0.5).float(),
-            "height": torch.full((batch,), band * 0.7), "band": torch.tensor([[start, start + band]] * batch)}
+            "height": torch.full((batch,), band * 0.7), "neighbour_height": torch.full((batch,), band * 0.65),
+            "band": torch.tensor([[start, start + band]] * batch)}
 
 
 def measure(config: str, precision: str, channels_last: bool, repeats: int, do_profile: bool) -> dict[str, float | str]:

@@ -130,6 +130,18 @@ def test_deterministic_given_seed_and_gradients_reach_every_head() -> None:
         assert grad is not None and grad.abs().sum() > 0, name
 
 
+def test_height_head_starts_at_the_neighbour_prior_and_falls_back_without_one() -> None:
+    x = inputs(3, 64, band=16)
+    prior = torch.tensor([7.0, 12.5, float("nan")])
+    with torch.no_grad():
+        out = build(max_height_px=16)(**x, neighbour_height=prior)
+        reference = build(max_height_px=16, height_prior=False)(**x, neighbour_height=prior)
+    torch.testing.assert_close(out.coarse_height[:2], prior[:2])
+    torch.testing.assert_close(out.fine_height[:2], prior[:2])
+    assert out.height[2] == 8.0  # no prior: sigmoid(0) x max_height before training
+    assert not torch.allclose(reference.coarse_height[:2], prior[:2], atol=0.5)
+
+
 def test_discriminators_and_band_strip() -> None:
     params = ModelParams()
     discs = Discriminators(params)

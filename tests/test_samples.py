@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from healthivert.data.samples import assemble, close_up, fixed_band, make_sample
+from healthivert.data.samples import assemble, close_up, fixed_band, make_sample, neighbour_height
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MAX_HEIGHT = 16
@@ -103,6 +103,19 @@ def test_assemble_at_another_height_keeps_that_many_generated_rows() -> None:
     # the height gets no gradient through the gather (it is trained by its own loss)
     height = torch.tensor([9.0], requires_grad=True)
     assert not assemble(generated, context, band, height).requires_grad
+
+
+def test_neighbour_height_ignores_cut_neighbours() -> None:
+    label = np.zeros((60, 10), np.uint8)
+    label[2:12], label[15:30], label[33:50] = 1, 2, 3
+    assert neighbour_height(label, 2, 40) == 13.5
+    assert neighbour_height(label, 2, 12) == 11.0  # clipped to max_height
+    label[0:12] = 1  # the vertebra above touches the crop's top: not whole
+    assert neighbour_height(label, 2, 40) == 17.0
+    label[33:60] = 3
+    assert np.isnan(neighbour_height(label, 2, 40))
+    sample = make_sample(np.zeros((60, 10), np.uint8), label, 2, None, 0.0, 40)
+    assert sample is not None and np.isnan(sample["neighbour_height"])
 
 
 def test_attention_is_inverted_and_closed_up() -> None:

@@ -16,14 +16,15 @@ from healthivert.synthesis.index import read_index
 from healthivert.synthesis.iterative import central_slices, synthesise_vertebra
 from test_rhlv_stage import IPL, NO_PARAMS, main, write_crops
 
-HEIGHT = 20  # rows the generators below predict
+HEIGHT = 28  # rows the generators below predict (taller than the 24-row boxes)
 
 
 def fixed_height_generator(height: float = HEIGHT, seed: int = 0) -> HealthiVertGenerator:
     """A small untrained generator whose SHRM heads predict exactly ``height`` rows and whose fine
     segmentation marks every generated pixel as the vertebra (its CT stays untrained)."""
     torch.manual_seed(seed)
-    generator = HealthiVertGenerator(ModelParams(size="cpu", max_height_px=40, contextual_attention=False))
+    generator = HealthiVertGenerator(ModelParams(size="cpu", max_height_px=40, contextual_attention=False,
+                                                 height_prior=False))
     with torch.no_grad():
         for head in (generator.coarse_height_head, generator.fine_height_head):
             head.linear.weight.zero_()
@@ -90,14 +91,24 @@ def test_target_is_reassembled_at_the_predicted_height() -> None:
                                  torch.device("cpu"))
     assert result.predicted_height_mm == pytest.approx(HEIGHT * 0.8, abs=1e-3)
     k = 8
-    # target rows 52..75 -> gap 44..83; the HEIGHT generated rows are centred on it: 54..73
+    # target rows 52..75 -> gap 44..83; the HEIGHT generated rows are centred on it: 50..77
     synthesised_rows = np.flatnonzero((result.label[:, :, k] == 21).any(axis=1))
-    assert synthesised_rows.tolist() == list(range(54, 74))
-    # the context is shifted to meet them: 2 rows down above the target, 2 rows up below it
-    np.testing.assert_allclose(result.ct[34:54, :, k], ct[32:52, :, k], atol=0.5)
-    np.testing.assert_allclose(result.ct[74:100, :, k], ct[76:102, :, k], atol=0.5)
+    assert synthesised_rows.tolist() == list(range(50, 78))
+    # the context is shifted to meet them: 2 rows up above the target, 2 rows down below it
+    np.testing.assert_allclose(result.ct[30:50, :, k], ct[32:52, :, k], atol=0.5)
+    np.testing.assert_allclose(result.ct[78:102, :, k], ct[76:100, :, k], atol=0.5)
     # a slice outside the synthesised range is the original
     np.testing.assert_allclose(result.ct[:, :, 3], ct[:, :, 3], atol=0.5)
+
+
+def test_a_prediction_below_the_vertebra_own_height_keeps_its_own_height() -> None:
+    ct, label = crop()
+    result = synthesise_vertebra({"sagittal": fixed_height_generator(height=20)}, ct, label, None, 21, (20, 22),
+                                 SynthesizeParams(iterative=False), 1.0, torch.device("cpu"))
+    assert result.predicted_height_mm == pytest.approx(20, abs=1e-3)
+    synthesised_rows = np.flatnonzero((result.label[:, :, 8] == 21).any(axis=1))
+    assert synthesised_rows.tolist() == list(range(52, 76))  # the 24 rows it has, in place
+    np.testing.assert_allclose(result.ct[20:52, :, 8], ct[20:52, :, 8], atol=0.5)
 
 
 def test_iterative_steps_move_the_target_with_its_restored_neighbour() -> None:
@@ -106,13 +117,13 @@ def test_iterative_steps_move_the_target_with_its_restored_neighbour() -> None:
     calls = count_calls(generator)
     params = SynthesizeParams(neighbour_min_voxels=10, batch_size=64)
     k = 8
-    # the vertebra above (rows 20..43, predicted 20 rows) is restored first, keeping its gap's centre:
-    # what lies below it moves up 2 rows, so the target's gap is 42..81 and its generated rows 52..71
+    # the vertebra above (rows 20..43, predicted 28 rows) is restored first, keeping its gap's centre:
+    # what lies below it moves down 2 rows, so the target's gap is 46..85 and its generated rows 52..79
     above_only = synthesise_vertebra({"sagittal": generator}, ct, label, None, 21, (20,), params, 1.0, torch.device("cpu"))
-    assert np.flatnonzero((above_only.label[:, :, k] == 21).any(axis=1)).tolist() == list(range(52, 72))
-    # restoring the vertebra below as well moves the target back down 2 rows
+    assert np.flatnonzero((above_only.label[:, :, k] == 21).any(axis=1)).tolist() == list(range(52, 80))
+    # restoring the vertebra below as well moves the target back up 2 rows
     both = synthesise_vertebra({"sagittal": generator}, ct, label, None, 21, (20, 22), params, 1.0, torch.device("cpu"))
-    assert np.flatnonzero((both.label[:, :, k] == 21).any(axis=1)).tolist() == list(range(54, 74))
+    assert np.flatnonzero((both.label[:, :, k] == 21).any(axis=1)).tolist() == list(range(50, 78))
     assert calls == [8, 8, 8, 8, 8]
 
 
@@ -164,7 +175,8 @@ def test_stage_writes_crops_and_index(model_and_data: tuple[Path, Path, Path], t
     data, attention, model = model_and_data
     out = tmp_path / "synth"
     argv = ["synthesize", "--data", str(data), "--attention", str(attention), "--model", str(model), "--out", str(out),
-            "--set", "model.contextual_attention=false", "--set", "synthesize.neighbour_min_voxels=10", *NO_PARAMS]
+            "--set", "model.contextual_attention=false", "--set", "model.height_prior=false",
+            "--set", "synthesize.neighbour_min_voxels=10", *NO_PARAMS]
     assert main(argv) == 0
     index = read_index(out)
     assert index[["case", "vertebra"]].values.tolist() == [["sub-a", 21], ["sub-b", 21]]
@@ -182,7 +194,7 @@ def test_missing_view_model_is_one_line(model_and_data: tuple[Path, Path, Path],
     data, attention, model = model_and_data
     argv = ["synthesize", "--data", str(data), "--attention", str(attention), "--model", str(model),
             "--out", str(tmp_path / "synth"), "--set", "model.contextual_attention=false",
-            "--set", "synthesize.views=[sagittal, coronal]", *NO_PARAMS]
+            "--set", "model.height_prior=false", "--set", "synthesize.views=[sagittal, coronal]", *NO_PARAMS]
     assert main(argv) == 2
     error = capsys.readouterr().err
     assert "generator_coronal.pt: saved generator not found" in error and error.count("\n") == 1

@@ -113,6 +113,8 @@ class ModelParams(Section):
         max_height_px: rows of the fixed-height gap; the SHRM predicts heights in ``(0, max_height_px)``.
         edge_module: Edge-Enhancing Module loss (EEM) on or off.
         height_module: SHRM height heads and re-assembly at the predicted height; off keeps the band.
+        height_prior: the SHRM heads correct the mean height of the target's neighbours in the slice
+            instead of predicting the height from nothing (off: the reference's head).
         attention_module: HGAM (``1 - Grad-CAM++``) input of the generator decoders.
         contextual_attention: the fine stage's contextual-attention branch (off: dilated branch only).
     """
@@ -125,6 +127,7 @@ class ModelParams(Section):
     max_height_px: int = Field(40, gt=0)
     edge_module: bool = True
     height_module: bool = True
+    height_prior: bool = True
     attention_module: bool = True
     contextual_attention: bool = True
 

@@ -58,17 +58,32 @@ class _Decoder(nn.Module):
 
 
 class HeightHead(nn.Module):
-    """SHRM head: global average pooling -> linear -> sigmoid x ``max_height`` (healthy height in rows)."""
+    """SHRM head: global average pooling -> linear -> sigmoid x ``max_height`` (healthy height in rows).
 
-    def __init__(self, channels: int, max_height: float) -> None:
+    With a prior (the neighbours' mean height, :func:`healthivert.data.samples.neighbour_height`),
+    the linear output is added to the prior's logit, so the head learns a correction of the
+    neighbours' height; it starts at the prior (zero-initialised linear). Where the prior is NaN or
+    not given, the head predicts the height from the features alone, as the reference's does. The
+    head runs in float32 (a bfloat16 sigmoid x 40 resolves heights to ~0.15 rows only).
+    """
+
+    def __init__(self, channels: int, max_height: float, use_prior: bool = False) -> None:
         super().__init__()
         self.linear = nn.Linear(channels, 1)
         self.max_height = float(max_height)
+        self.use_prior = use_prior
+        if use_prior:
+            nn.init.zeros_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """``(B, C, h, w)`` -> ``(B,)`` predicted height in rows, in ``(0, max_height)``."""
-        pooled = features.mean(dim=(2, 3))
-        return torch.sigmoid(self.linear(pooled)).squeeze(1) * self.max_height
+    def forward(self, features: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, C, h, w)`` (and ``(B,)`` prior heights in rows) -> ``(B,)`` predicted height in rows."""
+        with torch.autocast(features.device.type, enabled=False):
+            logit = self.linear(features.float().mean(dim=(2, 3))).squeeze(1)
+            if self.use_prior and prior is not None:
+                share = (prior.float() / self.max_height).clamp(0.02, 0.98)
+                logit = logit + torch.where(torch.isfinite(share), torch.logit(share), torch.zeros_like(share))
+            return torch.sigmoid(logit) * self.max_height
 
 
 class CoarseGenerator(nn.Module):
@@ -192,6 +207,13 @@ def band_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([first, last], 1).long()
 
 
+def _at_least(height: torch.Tensor | None, floor: torch.Tensor | None) -> torch.Tensor | None:
+    """``height`` raised to ``floor`` where given (``None`` stays ``None``)."""
+    if height is None or floor is None:
+        return height
+    return torch.maximum(height, floor.to(height))
+
+
 class HealthiVertGenerator(nn.Module):
     """Coarse + fine generator with their SHRM heads, switched by :class:`ModelParams`.
 
@@ -207,8 +229,10 @@ class HealthiVertGenerator(nn.Module):
         self.coarse = CoarseGenerator(cnum, model_params.attention_module)
         self.fine = FineGenerator(cnum, model_params.attention_module, model_params.contextual_attention)
         if model_params.height_module:
-            self.coarse_height_head = HeightHead(self.coarse.feature_channels, model_params.max_height_px)
-            self.fine_height_head = HeightHead(self.fine.feature_channels, model_params.max_height_px)
+            self.coarse_height_head = HeightHead(self.coarse.feature_channels, model_params.max_height_px,
+                                                 model_params.height_prior)
+            self.fine_height_head = HeightHead(self.fine.feature_channels, model_params.max_height_px,
+                                               model_params.height_prior)
 
     def _finish(self, raw_ct: torch.Tensor, raw_seg: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
                 band: torch.Tensor, height: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +243,8 @@ class HealthiVertGenerator(nn.Module):
 
     def forward(self, ct: torch.Tensor, mask: torch.Tensor, slice_ratio: torch.Tensor,
                 attention: torch.Tensor | None = None, stage: Stage = "fine",
-                assemble_height: torch.Tensor | None = None) -> GeneratorOutput:
+                assemble_height: torch.Tensor | None = None, neighbour_height: torch.Tensor | None = None,
+                min_height: torch.Tensor | None = None) -> GeneratorOutput:
         """Inpaint the band of closed-up slices and re-assemble them at the healthy height.
 
         Args:
@@ -230,6 +255,10 @@ class HealthiVertGenerator(nn.Module):
             stage: ``"coarse"`` runs the coarse network only.
             assemble_height: ``(B,)`` heights to assemble at instead of the predicted ones (e.g. the
                 real height while training the pixel losses); also used when SHRM is off.
+            neighbour_height: ``(B,)`` the SHRM prior in rows (NaN where unknown), used when
+                ``height_prior`` is on.
+            min_height: ``(B,)`` heights the predicted ones are raised to before assembling (the
+                method keeps at least the vertebra's own height); ``height`` stays the prediction.
 
         Returns:
             A :class:`GeneratorOutput`.
@@ -247,17 +276,17 @@ class HealthiVertGenerator(nn.Module):
         use_shrm = self.params.height_module
 
         coarse_ct, coarse_seg, coarse_deep = self.coarse(torch.cat([context, ratio, mask], 1), attention)
-        coarse_height = self.coarse_height_head(coarse_deep) if use_shrm else None
+        coarse_height = self.coarse_height_head(coarse_deep, neighbour_height) if use_shrm else None
         fine_ct = fine_seg = fine_height = None
         height_now = coarse_height
         if stage == "fine":
             pasted = coarse_ct * mask + context
             fine_ct, fine_seg, fine_deep = self.fine(torch.cat([pasted, coarse_seg, mask, ratio], 1), mask, attention)
-            fine_height = self.fine_height_head(fine_deep) if use_shrm else None
+            fine_height = self.fine_height_head(fine_deep, neighbour_height) if use_shrm else None
             height_now = fine_height
 
-        kept_coarse = assemble_height if assemble_height is not None else coarse_height
-        kept_final = assemble_height if assemble_height is not None else height_now
+        kept_coarse = assemble_height if assemble_height is not None else _at_least(coarse_height, min_height)
+        kept_final = assemble_height if assemble_height is not None else _at_least(height_now, min_height)
         coarse_ct_out, coarse_seg_out = self._finish(coarse_ct, coarse_seg, context, mask, band, kept_coarse)
         if stage == "fine":
             final_ct, final_seg = self._finish(fine_ct, fine_seg, context, mask, band, kept_final)

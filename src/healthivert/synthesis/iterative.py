@@ -8,8 +8,9 @@ first the vertebra above is synthesised (where it has more than ``neighbour_min_
 the slice) and put back in the slice, then the vertebra below on that result, then the target on
 that result, so a fractured neighbour cannot distort the target's restored height. Each step runs
 all slices of the vertebra through the generator in one batch (chunks of ``batch_size``). Each
-synthesised slice is re-assembled at the predicted healthy height: the context above and below is
-shifted to meet the generated band, for the CT and the labels alike.
+synthesised slice is re-assembled at the predicted healthy height, or at the vertebra's own height
+in the slice where that is taller (as the method: a restoration never shortens a vertebra): the
+context above and below is shifted to meet the generated band, for the CT and the labels alike.
 
 With two views, the CT intensities and the target probabilities of the views are averaged where
 both synthesised a voxel; slices outside the synthesised range keep the original.
@@ -103,7 +104,8 @@ def _run_generator(generator: HealthiVertGenerator, samples: list[dict[str, np.n
             def stack(key: str) -> torch.Tensor:
                 return torch.from_numpy(np.stack([s[key] for s in chunk])).to(device)
 
-            out = generator(stack("ct"), stack("mask"), stack("slice_ratio"), stack("attention"), stage=stage)
+            out = generator(stack("ct"), stack("mask"), stack("slice_ratio"), stack("attention"), stage=stage,
+                            neighbour_height=stack("neighbour_height"), min_height=stack("height"))
             cts.append(out.ct[:, 0].float().cpu().numpy())
             segs.append(out.seg[:, 0].float().cpu().numpy())
             heights.append(out.height.float().reshape(-1).cpu().numpy())
@@ -135,7 +137,9 @@ def _synthesise_step(generator: HealthiVertGenerator, ct: np.ndarray, label: np.
         return np.zeros(0, dtype=np.int64), np.zeros((0, n_rows, ct.shape[1]), np.float32), np.zeros(0)
     out_ct, out_seg, heights = _run_generator(generator, samples, batch_size, device, autocast_dtype, stage)
     bands = torch.from_numpy(np.stack([s["band"] for s in samples]))
-    kept = torch.minimum(torch.round(torch.from_numpy(heights)).long().clamp(min=0), bands[:, 1] - bands[:, 0])
+    # as the method: the restored height is at least the vertebra's own height in the slice
+    real = torch.from_numpy(np.stack([s["height"] for s in samples])).long()
+    kept = torch.minimum(torch.maximum(torch.round(torch.from_numpy(heights)).long(), real), bands[:, 1] - bands[:, 0])
     context_rows, generated = (t.numpy() for t in assembly_rows(n_rows, bands, kept))
     probabilities = np.where(generated[:, :, None], out_seg, 0.0).astype(np.float32)
     for i, k in enumerate(chosen):

@@ -111,7 +111,8 @@ class InpaintingTask:
         with self.runtime.autocast():
             # pixel losses compare at the true height; the height heads learn from their own loss (SHRM)
             output = self.g_net(batch["ct"], batch["mask"], batch["slice_ratio"], batch["attention"],
-                                stage=self.stage, assemble_height=batch["height"])
+                                stage=self.stage, assemble_height=batch["height"],
+                                neighbour_height=batch["neighbour_height"])
         losses: dict[str, float] = {}
         if self.uses_gan:
             _set_requires_grad(self.discriminators, True)
@@ -143,7 +144,8 @@ class InpaintingTask:
         self.generator.eval()
         batch = self._inputs(batch)
         with self.runtime.autocast():
-            output = self.generator(batch["ct"], batch["mask"], batch["slice_ratio"], batch["attention"], stage=self.stage)
+            output = self.generator(batch["ct"], batch["mask"], batch["slice_ratio"], batch["attention"], stage=self.stage,
+                                    neighbour_height=batch["neighbour_height"])
         return Prediction(ct=output.ct.float(), seg=output.seg.float(), height=output.height.float())
 
     @torch.no_grad()
