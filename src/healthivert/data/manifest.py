@@ -13,8 +13,7 @@ import numpy as np
 import pandas as pd
 
 from healthivert.errors import InputDataError
-from healthivert.io.tables import read_table
-from healthivert.io.atomic import atomic_path
+from healthivert.io.tables import conform, read_table, write_table
 
 MANIFEST_NAME = "manifest.parquet"
 
@@ -62,29 +61,14 @@ def crop_name(case: str, vertebra: int) -> str:
     return f"{case}_{int(vertebra)}"
 
 
-def _coerce(frame: pd.DataFrame, source: str | os.PathLike[str]) -> pd.DataFrame:
+def _coerce(frame: pd.DataFrame, source: Path) -> pd.DataFrame:
     """The manifest columns of ``frame`` in order and dtype, checked (errors name ``source``)."""
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
-        raise InputDataError(source, f"manifest lacks column(s) {', '.join(missing)}",
-                             "was it written by 'healthivert preprocess'?")
-    frame = frame.loc[:, list(COLUMNS)].copy()
-    for column, dtype in COLUMNS.items():
-        try:
-            values = pd.to_numeric(frame[column]) if dtype == "float64" else frame[column]
-            frame[column] = values.astype(dtype)
-        except (TypeError, ValueError) as exc:
-            raise InputDataError(source, f"manifest column '{column}' is not {dtype}",
-                                 str(exc).splitlines()[0]) from exc
+    frame = conform(frame, COLUMNS, source, "manifest")
     bad_split = ~frame["split"].isin(SPLITS)
     if bad_split.any():
         raise InputDataError(source, f"unknown split '{frame.loc[bad_split, 'split'].iloc[0]}'",
                              "expected train, val or test")
-    duplicated = frame.duplicated(["case", "vertebra"])
-    if duplicated.any():
-        row = frame[duplicated].iloc[0]
-        raise InputDataError(source, f"vertebra {row['vertebra']} of case {row['case']} listed twice")
-    return frame.reset_index(drop=True)
+    return frame
 
 
 def write_manifest(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
@@ -100,10 +84,7 @@ def write_manifest(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if path.suffix != ".parquet":
         path = path / MANIFEST_NAME
-    frame = _coerce(frame, path)
-    with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
-    return path
+    return write_table(_coerce(frame, path), path)
 
 
 def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from healthivert.errors import InputDataError
-from healthivert.io.tables import read_table
-from healthivert.io.atomic import atomic_path
+from healthivert.io.tables import conform, read_table, write_table
 
 INDEX_NAME = "index.parquet"
 
@@ -31,10 +29,7 @@ COLUMNS: dict[str, str] = {
 def write_index(frame: pd.DataFrame, folder: str | os.PathLike[str]) -> Path:
     """Write ``frame`` (the columns of :data:`COLUMNS`) as ``folder/index.parquet``, atomically."""
     path = Path(folder) / INDEX_NAME
-    frame = frame.loc[:, list(COLUMNS)].astype(COLUMNS)
-    with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
-    return path
+    return write_table(conform(frame, COLUMNS, path, "synthesis index"), path)
 
 
 def read_index(folder: str | os.PathLike[str]) -> pd.DataFrame:
@@ -47,15 +42,8 @@ def read_index(folder: str | os.PathLike[str]) -> pd.DataFrame:
         InputDataError: the index is missing, unreadable, lacks columns or lists a vertebra twice.
     """
     path = Path(folder) / INDEX_NAME
-    frame = read_table(path, "synthesis index", "run 'healthivert synthesize' first")
-    missing = [column for column in COLUMNS if column not in frame.columns]
-    if missing:
-        raise InputDataError(path, f"index lacks column(s) {', '.join(missing)}")
-    frame = frame.loc[:, list(COLUMNS)].astype(COLUMNS)
-    duplicated = frame.duplicated(["case", "vertebra"])
-    if duplicated.any():
-        row = frame[duplicated].iloc[0]
-        raise InputDataError(path, f"vertebra {row['vertebra']} of case {row['case']} listed twice")
+    frame = conform(read_table(path, "synthesis index", "run 'healthivert synthesize' first"), COLUMNS, path,
+                    "synthesis index")
     for column in ("ct_path", "label_path"):
         frame[column] = [str(Path(folder) / relative) for relative in frame[column]]
     return frame.reset_index(drop=True)
