@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from healthivert.errors import ConfigError
 
+#: the 2D slices a generator works on: ``sagittal`` (rows CC, columns AP) or ``coronal`` (rows CC, columns LR).
+View = Literal["sagittal", "coronal"]
+
 
 class Section(BaseModel):
     """Base of every parameter section: strict, immutable, unknown keys rejected."""
