@@ -145,6 +145,22 @@ def load_generator(path: str | os.PathLike[str], device: str | torch.device = "c
     return generator.to(device).eval()
 
 
+def load_view_generator(folder: str | os.PathLike[str], view: View, device: str | torch.device = "cpu",
+                        expected: ModelParams | None = None) -> tuple[HealthiVertGenerator, dict[str, Any]]:
+    """The generator of ``view`` in a model folder (see :func:`load_generator`) and what its saver added.
+
+    Raises:
+        CheckpointError: as :func:`load_generator`, or the file was trained on another view's slices.
+    """
+    path = Path(folder) / generator_file(view)
+    extra = read_saved_model(path, "generator").extra
+    trained_view = extra.get("view", view)
+    if trained_view != view:
+        raise CheckpointError(path, f"generator trained on {trained_view} slices, used for the {view} view",
+                              f"train one with {view} in the training stage's views")
+    return load_generator(path, device, expected), extra
+
+
 def save_classifier(path: str | os.PathLike[str], classifier: FractureClassifier, model_params: ModelParams,
                     extra: dict[str, Any] | None = None) -> None:
     """Write a fracture classifier's weights and parameters atomically (``extra``: JSON-able data)."""

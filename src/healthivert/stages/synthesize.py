@@ -23,7 +23,7 @@ from healthivert.data.manifest import crop_name, read_manifest, resolve
 from healthivert.errors import CheckpointError
 from healthivert.io.atomic import atomic_dir
 from healthivert.io.nifti import check_same_grid, load_volume, save_volume
-from healthivert.models import generator_file, load_generator, read_saved_model
+from healthivert.models import generator_file, load_view_generator
 from healthivert.models.generator import HealthiVertGenerator, Stage
 from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
 from healthivert.synthesis.index import write_index
@@ -63,14 +63,8 @@ def load_view_generators(model_dir: Path, params: Params, device: torch.device
     """
     generators, stages = {}, set()
     for view in params.synthesize.views:
-        path = model_dir / generator_file(view)
-        extra = read_saved_model(path, "generator").extra
-        trained_view = extra.get("view", view)
-        if trained_view != view:
-            raise CheckpointError(path, f"generator trained on {trained_view} slices, used for the {view} view",
-                                  f"train a {view} model (train_fine.view={view})")
+        generators[view], extra = load_view_generator(model_dir, view, device, expected=params.model)
         stages.add(extra.get("stage", "fine"))
-        generators[view] = load_generator(path, device, expected=params.model)
     if len(stages) > 1:
         raise CheckpointError(model_dir, f"the views' generators come from different stages ({', '.join(sorted(stages))})")
     stage = stages.pop()
