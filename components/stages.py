@@ -39,7 +39,7 @@ def preprocess(raw: Input[Dataset], params_json: str, overrides: str, mlflow_uri
 def train_coarse(preprocessed: Input[Dataset], params_json: str, overrides: str, mlflow_uri: str,
                  pipeline_group: str, coarse: Output[Model], attention: Output[Dataset],
                  metrics: Output[Metrics]):
-    """Train the fracture classifier (attention maps) and the coarse generator."""
+    """Train the fracture classifier (attention maps) and a coarse generator per view."""
     import tempfile
 
     from healthivert.stages.submit import run_step
@@ -53,7 +53,7 @@ def train_coarse(preprocessed: Input[Dataset], params_json: str, overrides: str,
 def train_fine(preprocessed: Input[Dataset], attention: Input[Dataset], coarse: Input[Model], params_json: str,
                overrides: str, mlflow_uri: str, pipeline_group: str, fine: Output[Model],
                metrics: Output[Metrics]):
-    """Train the whole generator from the coarse one."""
+    """Train the whole generator of each view from the coarse one of the same view."""
     import tempfile
 
     from healthivert.stages.submit import run_step

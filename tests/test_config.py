@@ -68,3 +68,20 @@ def test_section_digest_tracks_values() -> None:
 def test_repository_params_file_is_valid() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.model.size in params.model.sizes
+
+
+@pytest.mark.parametrize("section", ["train_coarse", "train_fine", "synthesize"])
+@pytest.mark.parametrize(("views", "message"), [("[]", "list at least one view"),
+                                                ("[coronal, sagittal, coronal]", "coronal listed more than once")])
+def test_views_must_be_distinct_and_not_empty(section: str, views: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_params(REPO / "params.yaml", [f"{section}.views={views}"])
+    assert f"invalid value for '{section}.views'" in str(info.value) and message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_full_configuration_trains_and_fuses_both_views() -> None:
+    params = load_params([REPO / "params.yaml", REPO / "configs" / "full.yaml"])
+    assert params.model.size == "full"
+    assert params.train_coarse.views == params.train_fine.views == params.synthesize.views == ("sagittal", "coronal")
+    assert load_params(REPO / "params.yaml").train_coarse.views == ("sagittal",)

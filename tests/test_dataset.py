@@ -23,37 +23,42 @@ MAX_HEIGHT = 16
 LR_EXTENT = (2, 10)        # target body occupies LR slices 2..9
 
 
-def _box_crop(heights: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _box_crop(heights: tuple[int, int, int], rng: np.random.Generator, lr_size: int = BOX_SHAPE[2],
+              lr_extent: tuple[int, int] = LR_EXTENT) -> tuple[np.ndarray, np.ndarray]:
     """A crop with three box vertebrae (above, target, below) separated by 4-row discs, target centred.
 
-    Returns uint8 CT ``(CC, AP, LR)`` and labels (19 above, 20 target, 21 below).
+    Returns uint8 CT ``(CC, AP, lr_size)`` and labels (19 above, 20 target, 21 below); the bodies span
+    LR slices ``lr_extent``.
     """
-    ct = np.full(BOX_SHAPE, 60, dtype=np.float32)
-    label = np.zeros(BOX_SHAPE, dtype=np.uint8)
+    shape = (*BOX_SHAPE[:2], lr_size)
+    ct = np.full(shape, 60, dtype=np.float32)
+    label = np.zeros(shape, dtype=np.uint8)
     centre = BOX_SHAPE[0] // 2
     h_above, h_target, h_below = heights
     t0 = centre - h_target // 2
     spans = {19: (t0 - 4 - h_above, t0 - 4), 20: (t0, t0 + h_target), 21: (t0 + h_target + 4, t0 + h_target + 4 + h_below)}
     for vid, (r0, r1) in spans.items():
-        label[r0:r1, 6:26, LR_EXTENT[0]:LR_EXTENT[1]] = vid
-        ct[r0:r1, 6:26, LR_EXTENT[0]:LR_EXTENT[1]] = 170.0
-        ct[r0, 6:26, LR_EXTENT[0]:LR_EXTENT[1]] = 230.0          # endplates
-        ct[r1 - 1, 6:26, LR_EXTENT[0]:LR_EXTENT[1]] = 230.0
+        label[r0:r1, 6:26, lr_extent[0]:lr_extent[1]] = vid
+        ct[r0:r1, 6:26, lr_extent[0]:lr_extent[1]] = 170.0
+        ct[r0, 6:26, lr_extent[0]:lr_extent[1]] = 230.0          # endplates
+        ct[r1 - 1, 6:26, lr_extent[0]:lr_extent[1]] = 230.0
     ct += rng.normal(0.0, 2.0, size=ct.shape)
     return np.clip(ct, 0, 255).astype(np.uint8), label
 
 
-def write_box_dataset(root: Path, grades: list[tuple[str, int]], seed: int = 0, attention: bool = False) -> pd.DataFrame:
+def write_box_dataset(root: Path, grades: list[tuple[str, int]], seed: int = 0, attention: bool = False,
+                      lr_size: int = BOX_SHAPE[2], lr_extent: tuple[int, int] = LR_EXTENT) -> pd.DataFrame:
     """Write crops + ``manifest.parquet`` following the preprocess contract; one row per (split, grade).
 
     Healthy targets are as high as their neighbours (10 rows); fractured ones lose rows with the grade.
+    ``lr_size`` and ``lr_extent`` widen the crops and bodies left-right (coronal slices are ``CC x lr_size``).
     """
     rng = np.random.default_rng(seed)
     records = []
     for i, (split, grade) in enumerate(grades):
         case, vid = f"sub-box{i:03d}", 20
         target_h = {0: 10, 1: 8, 2: 7, 3: 5}[grade]
-        ct, label = _box_crop((10, target_h, 10), rng)
+        ct, label = _box_crop((10, target_h, 10), rng, lr_size, lr_extent)
         mask = np.zeros_like(label)
         mask[BOX_SHAPE[0] // 2 - MAX_HEIGHT // 2: BOX_SHAPE[0] // 2 + MAX_HEIGHT // 2] = 1
         paths = {kind: f"{kind}/{case}_{vid}.nii.gz" for kind in ("ct", "label", "mask")}
@@ -61,7 +66,7 @@ def write_box_dataset(root: Path, grades: list[tuple[str, int]], seed: int = 0, 
         save_volume(root / paths["label"], label, IPL)
         save_volume(root / paths["mask"], mask, IPL)
         if attention:
-            cam = np.zeros(BOX_SHAPE, dtype=np.float32)
+            cam = np.zeros(label.shape, dtype=np.float32)
             cam[label == vid] = 0.25 * grade
             save_volume(attention_path(root / "attention", case, vid), cam, IPL)
         rows = np.flatnonzero((label == vid).any(axis=(1, 2)))

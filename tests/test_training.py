@@ -21,6 +21,7 @@ from healthivert.models.discriminator import Discriminators
 from healthivert.models.generator import HealthiVertGenerator
 from healthivert.training.checkpoint import CHECKPOINT_NAME
 from healthivert.training.classifier import attention_volume
+from healthivert.training.figures import ViewSink
 from healthivert.training.gan import InpaintingTask
 from healthivert.training.loop import LoopSettings, fit
 from healthivert.training.runtime import Runtime, runtime_for, seed_everything
@@ -174,3 +175,23 @@ def test_attention_volume_interpolates_between_computed_slices() -> None:
     for k in (0, 4, 8):
         np.testing.assert_allclose(sparse[:, :, k], every[:, :, k], atol=1e-5)
     np.testing.assert_allclose(sparse[:, :, 1], 0.75 * every[:, :, 0] + 0.25 * every[:, :, 4], atol=1e-5)
+
+
+def test_view_sink_forwards_a_further_views_metrics_and_figures_under_its_name() -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.metrics: list[tuple[dict[str, float], int | None]] = []
+            self.figures: list[str] = []
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            self.metrics.append((metrics, step))
+
+        def log_figure(self, figure: object, name: str) -> None:
+            self.figures.append(name)
+
+    recorder = Recorder()
+    sink = ViewSink(recorder, "coronal")
+    sink.log_metrics({"val/model/dice": 0.5, "epoch": 1.0}, step=7)
+    sink.log_figure(object(), "samples/fine_epoch_001.png")
+    assert recorder.metrics == [({"val/coronal/model/dice": 0.5, "coronal/epoch": 1.0}, 7)]
+    assert recorder.figures == ["samples/coronal/fine_epoch_001.png"]

@@ -1,8 +1,10 @@
-"""Stages ``train-coarse`` and ``train-fine`` through ``cli.main``: outputs, resume, and one-line errors."""
+"""Stages ``train-coarse`` and ``train-fine`` through ``cli.main``: outputs, resume, one-line errors, and two views
+(a generator per view, each with its own checkpoints, fused by ``synthesize``)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,11 @@ import pytest
 import torch
 
 from healthivert.cli import main
+from healthivert.config import load_params
 from healthivert.io.nifti import load_volume
-from healthivert.models.io import load_classifier, load_generator
+from healthivert.models.io import load_classifier, load_generator, read_saved_model
+from healthivert.stages.train_coarse import training_digest
+from healthivert.synthesis.index import read_index
 from healthivert.training.checkpoint import CHECKPOINT_NAME
 from test_dataset import MAX_HEIGHT, write_box_dataset
 
@@ -136,3 +141,86 @@ def test_bad_inputs_give_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(argv) == 2
     message = capsys.readouterr().err.strip()
     assert expected in message and message.count("\n") == 0
+
+
+# ----------------------------------------------------------------------------------- 2.5D: two views
+BOTH_VIEWS = ["train_coarse.views=[sagittal, coronal]", "train_fine.views=[sagittal, coronal]"]
+
+
+@pytest.fixture(scope="module")
+def two_views(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("two_views")
+    write_box_dataset(root / "pre", GRADES, lr_size=32, lr_extent=(8, 22))  # coronal slices 64 x 32, like sagittal
+    assert main(_coarse(root, *BOTH_VIEWS)) == 0
+    assert main(_fine(root, *BOTH_VIEWS)) == 0
+    return root
+
+
+@pytest.mark.parametrize("stage", ["coarse", "fine"])
+def test_each_view_gets_its_generator_card_samples_checkpoints_and_metrics(two_views: Path, stage: str) -> None:
+    folder = two_views / stage
+    for view, generator, card_name, samples, checkpoints in [
+            ("sagittal", "generator.pt", "model_card.json", "samples", "generator" if stage == "coarse" else "."),
+            ("coronal", "generator_coronal.pt", "model_card_coronal.json", "samples_coronal", "generator_coronal")]:
+        extra = read_saved_model(folder / generator, "generator").extra
+        assert (extra["view"], extra["stage"]) == (view, stage)
+        card = json.loads((folder / card_name).read_text())
+        assert card["view"] == view and card["input"]["image_size"] == [64, 32]
+        assert len(list((folder / samples).glob(f"{stage}_epoch_*.png"))) == 2
+        assert (two_views / "ck" / stage / checkpoints / CHECKPOINT_NAME).is_file()
+    if stage == "fine":
+        assert card["training"]["initialised_from"].endswith("generator_coronal.pt")
+    metrics = json.loads((two_views / f"{stage}.json").read_text())
+    for name in ("val/model/dice", "val/coronal/model/dice", "val/coronal/nearest/mae_hu"):
+        assert np.isfinite(metrics[name])
+    assert metrics["val/model/mae_hu"] != metrics["val/coronal/model/mae_hu"]
+    sagittal, coronal = (load_generator(folder / name).state_dict() for name in ("generator.pt", "generator_coronal.pt"))
+    assert not all(torch.equal(sagittal[k], coronal[k]) for k in sagittal)   # each learnt from its own slices
+
+
+def test_training_digest_names_the_view_not_the_list_of_views() -> None:
+    one, both = load_params([], []), load_params([], ["train_fine.views=[sagittal, coronal]"])
+    sagittal = training_digest(both, both.train_fine, "sagittal", "fine")
+    assert sagittal == training_digest(one, one.train_fine, "sagittal", "fine")  # adding a view keeps the others' runs
+    assert sagittal != training_digest(both, both.train_fine, "coronal", "fine")
+
+
+def test_a_views_checkpoint_is_not_resumed_as_another_view(two_views: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    swapped = two_views / "ck" / "swapped"
+    shutil.copytree(two_views / "ck" / "coarse", swapped)
+    shutil.copyfile(swapped / "generator" / CHECKPOINT_NAME, swapped / "generator_coronal" / CHECKPOINT_NAME)
+    argv = _coarse(two_views, *BOTH_VIEWS)
+    argv[argv.index("--checkpoint-dir") + 1], argv[argv.index("--out") + 1] = str(swapped), str(two_views / "swapped")
+    assert main(argv) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0 and f"generator_coronal/{CHECKPOINT_NAME}" in message and "other parameters" in message
+    assert not (two_views / "swapped").exists()
+
+
+def test_fine_stage_refuses_a_coarse_generator_of_another_view_before_training(two_views: Path, tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    coarse = tmp_path / "coarse"
+    shutil.copytree(two_views / "coarse", coarse)
+    shutil.copyfile(coarse / "generator.pt", coarse / "generator_coronal.pt")
+    argv = _fine(two_views, *BOTH_VIEWS)
+    argv[argv.index("--coarse") + 1], argv[argv.index("--out") + 1] = str(coarse), str(tmp_path / "fine")
+    argv[argv.index("--checkpoint-dir") + 1] = str(tmp_path / "ck")
+    assert main(argv) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0 and "generator trained on sagittal slices, used for the coronal view" in message
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "fine").exists()
+
+
+def test_synthesis_fuses_the_two_trained_views(two_views: Path) -> None:
+    def synthesize(*views: str) -> pd.DataFrame:
+        out = two_views / ("synth_" + "_".join(views))
+        argv = ["synthesize", "--data", str(two_views / "pre"), "--attention", str(two_views / "attention"),
+                "--model", str(two_views / "fine"), "--out", str(out), *_args(f"synthesize.views=[{', '.join(views)}]",
+                                                                           "synthesize.device=cpu",
+                                                                           "synthesize.precision=fp32")]
+        assert main(argv) == 0
+        return read_index(out)
+
+    both, sagittal = synthesize("sagittal", "coronal"), synthesize("sagittal")
+    assert len(both) == len(GRADES) and (both["slices"] > sagittal["slices"]).all()
+    assert not np.array_equal(load_volume(both["ct_path"].iloc[0]).array, load_volume(sagittal["ct_path"].iloc[0]).array)

@@ -19,8 +19,8 @@ from healthivert.errors import HealthiVertError
 COMMANDS: dict[str, tuple[str, str]] = {
     "phantom": ("healthivert.stages.phantom", "generate the synthetic spine CT dataset (VerSe layout, with ground truth)"),
     "preprocess": ("healthivert.stages.preprocess", "stage 1: straighten, de-pedicle and crop every vertebra; write the manifest"),
-    "train-coarse": ("healthivert.stages.train_coarse", "stage 2: train the fracture classifier (attention maps) and the coarse generator"),
-    "train-fine": ("healthivert.stages.train_fine", "stage 3: train the whole generator from the coarse checkpoint"),
+    "train-coarse": ("healthivert.stages.train_coarse", "stage 2: train the fracture classifier (attention maps) and a coarse generator per view"),
+    "train-fine": ("healthivert.stages.train_fine", "stage 3: train the whole generator of each view from its coarse one"),
     "synthesize": ("healthivert.stages.synthesize", "stage 4: iterative 2.5D synthesis of pseudo-healthy vertebrae"),
     "rhlv": ("healthivert.stages.rhlv", "stage 5: relative height loss (RHLV) and height-loss maps per vertebra"),
     "svm-fit": ("healthivert.stages.svm_fit", "stage 6: fit the Genant-grade SVM on RHLV features"),

@@ -19,6 +19,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from healthivert.errors import ConfigError
 
+#: the 2D slices a generator works on: ``sagittal`` (rows CC, columns AP) or ``coronal`` (rows CC, columns LR).
+View = Literal["sagittal", "coronal"]
+
+
+def _distinct_views(views: tuple[View, ...]) -> tuple[View, ...]:
+    """Refuse an empty list of views or a view listed twice."""
+    if not views:
+        raise ValueError("list at least one view (sagittal, coronal)")
+    repeated = sorted({view for view in views if views.count(view) > 1})
+    if repeated:
+        raise ValueError(f"{', '.join(repeated)} listed more than once")
+    return views
+
 
 class Section(BaseModel):
     """Base of every parameter section: strict, immutable, unknown keys rejected."""
@@ -158,9 +171,15 @@ class LossWeights(Section):
 
 
 class TrainParams(Section):
-    """One training stage (coarse or fine)."""
+    """One training stage (coarse or fine).
 
-    view: Literal["sagittal", "coronal"] = "sagittal"
+    Attributes:
+        views: one generator is trained per view, each on its own slices (2.5D synthesis fuses them);
+            the first view's validation metrics keep the plain keys (``val/model/dice``), the others
+            carry their view (``val/coronal/model/dice``).
+    """
+
+    views: tuple[View, ...] = ("sagittal",)
     epochs: int = Field(4, ge=1)
     steps_per_epoch: int = Field(100, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -176,6 +195,8 @@ class TrainParams(Section):
     val_slice_ratios: tuple[float, ...] = (0.0, 0.4)
     losses: LossWeights = LossWeights()
 
+    _views = field_validator("views")(_distinct_views)
+
 
 class ClassifierParams(Section):
     """Fracture classifier behind the HealthiVert-Guided Attention Module (Grad-CAM++ maps)."""
@@ -189,26 +210,28 @@ class ClassifierParams(Section):
 
 
 class TrainCoarseParams(TrainParams):
-    """Stage 2: fracture classifier + attention maps, then the coarse generator."""
+    """Stage 2: fracture classifier (on the first view's slices) + attention maps, then a coarse generator per view."""
 
     classifier: ClassifierParams = ClassifierParams()
 
 
 class TrainFineParams(TrainParams):
-    """Stage 3: the whole generator, coarse part initialised from stage 2."""
+    """Stage 3: the whole generator per view, coarse part initialised from stage 2's generator of the same view."""
 
 
 # ------------------------------------------------------------------------------------ later stages
 class SynthesizeParams(Section):
     """Iterative 2.5D synthesis of pseudo-healthy vertebrae."""
 
-    views: tuple[Literal["sagittal", "coronal"], ...] = ("sagittal",)
+    views: tuple[View, ...] = ("sagittal",)
     slice_fraction: float = Field(0.8, gt=0.0, le=1.0)
     iterative: bool = True
     neighbour_min_voxels: int = Field(200, ge=0)
     batch_size: int = Field(32, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    _views = field_validator("views")(_distinct_views)
 
 
 class RhlvParams(Section):

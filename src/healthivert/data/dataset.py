@@ -16,20 +16,19 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from healthivert.config import View
 from healthivert.data.samples import make_sample
 from healthivert.errors import InputDataError
 from healthivert.io.nifti import load_volume
 
 log = logging.getLogger(__name__)
-
-View = Literal["sagittal", "coronal"]
 
 #: fraction of the target's extent slices are drawn from (the method's central 80 %)
 CENTRAL_FRACTION = 0.8

@@ -3,7 +3,8 @@
 A saved model is a plain dictionary (``format``, ``kind``, ``model_params`` as JSON-able data,
 ``state_dict``, ``extra``), so loading never unpickles code. Loading a file with parameters that
 would build a different network raises :class:`~healthivert.errors.CheckpointError` naming the
-file and the mismatched settings.
+file and the mismatched settings. A model folder holds one generator per view it was trained on,
+named by :func:`generator_file`.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from healthivert.config import ModelParams
+from healthivert.config import ModelParams, View
 from healthivert.errors import CheckpointError
 from healthivert.io.atomic import atomic_path
 from healthivert.models.classifier import FractureClassifier
 from healthivert.models.generator import HealthiVertGenerator
 
 FORMAT_VERSION = 1
+#: the sagittal generator's file in a model folder; another view's adds the view (:func:`generator_file`).
+GENERATOR_FILE = "generator.pt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,23 @@ def architecture(model_params: ModelParams, kind: str) -> dict[str, Any]:
     return {"network.cnum": net.cnum, "max_height_px": model_params.max_height_px,
             "attention_module": model_params.attention_module, "height_module": model_params.height_module,
             "contextual_attention": model_params.contextual_attention}
+
+
+def view_file_name(name: str, view: View) -> str:
+    """The name of ``view``'s copy of a per-view file or folder of a model folder.
+
+    The sagittal view keeps ``name``; another view adds ``_<view>`` before the extension
+    (``generator.pt`` -> ``generator_coronal.pt``, ``samples`` -> ``samples_coronal``).
+    """
+    if view == "sagittal":
+        return name
+    stem, dot, extension = name.partition(".")
+    return f"{stem}_{view}{dot}{extension}"
+
+
+def generator_file(view: View) -> str:
+    """File name of the generator trained on ``view`` slices (``generator.pt``, ``generator_coronal.pt``)."""
+    return view_file_name(GENERATOR_FILE, view)
 
 
 def _save(path: str | os.PathLike[str], kind: str, network: nn.Module, model_params: ModelParams,
@@ -123,6 +143,22 @@ def load_generator(path: str | os.PathLike[str], device: str | torch.device = "c
     generator = HealthiVertGenerator(saved.model_params)
     _load_into(Path(path), generator, saved.state_dict, "generator")
     return generator.to(device).eval()
+
+
+def load_view_generator(folder: str | os.PathLike[str], view: View, device: str | torch.device = "cpu",
+                        expected: ModelParams | None = None) -> tuple[HealthiVertGenerator, dict[str, Any]]:
+    """The generator of ``view`` in a model folder (see :func:`load_generator`) and what its saver added.
+
+    Raises:
+        CheckpointError: as :func:`load_generator`, or the file was trained on another view's slices.
+    """
+    path = Path(folder) / generator_file(view)
+    extra = read_saved_model(path, "generator").extra
+    trained_view = extra.get("view", view)
+    if trained_view != view:
+        raise CheckpointError(path, f"generator trained on {trained_view} slices, used for the {view} view",
+                              f"train one with {view} in the training stage's views")
+    return load_generator(path, device, expected), extra
 
 
 def save_classifier(path: str | os.PathLike[str], classifier: FractureClassifier, model_params: ModelParams,

@@ -23,7 +23,7 @@ from healthivert.data.manifest import crop_name, read_manifest, resolve
 from healthivert.errors import CheckpointError
 from healthivert.io.atomic import atomic_dir
 from healthivert.io.nifti import check_same_grid, load_volume, save_volume
-from healthivert.models import load_generator, read_saved_model
+from healthivert.models import generator_file, load_view_generator
 from healthivert.models.generator import HealthiVertGenerator, Stage
 from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
 from healthivert.synthesis.index import write_index
@@ -32,9 +32,6 @@ from healthivert.tracking.runs import stage_run
 from healthivert.training.runtime import choose_device, choose_precision
 
 log = logging.getLogger(__name__)
-
-#: file of the generator trained on each view, inside ``--model``.
-MODEL_FILES = {"sagittal": "generator.pt", "coronal": "generator_coronal.pt"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,19 +63,13 @@ def load_view_generators(model_dir: Path, params: Params, device: torch.device
     """
     generators, stages = {}, set()
     for view in params.synthesize.views:
-        path = model_dir / MODEL_FILES[view]
-        extra = read_saved_model(path, "generator").extra
-        trained_view = extra.get("view", view)
-        if trained_view != view:
-            raise CheckpointError(path, f"generator trained on {trained_view} slices, used for the {view} view",
-                                  f"train a {view} model (train_fine.view={view})")
+        generators[view], extra = load_view_generator(model_dir, view, device, expected=params.model)
         stages.add(extra.get("stage", "fine"))
-        generators[view] = load_generator(path, device, expected=params.model)
     if len(stages) > 1:
         raise CheckpointError(model_dir, f"the views' generators come from different stages ({', '.join(sorted(stages))})")
     stage = stages.pop()
     if stage not in ("coarse", "fine"):
-        raise CheckpointError(model_dir / MODEL_FILES[params.synthesize.views[0]], f"unknown training stage '{stage}'")
+        raise CheckpointError(model_dir / generator_file(params.synthesize.views[0]), f"unknown training stage '{stage}'")
     return generators, stage
 
 

@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from healthivert.config import ClassifierParams, ModelParams
-from healthivert.data.dataset import ClassifierDataset, View
+from healthivert.config import ClassifierParams, ModelParams, View
+from healthivert.data.dataset import ClassifierDataset
 from healthivert.models.classifier import FractureClassifier
 from healthivert.models.gradcam import attention_maps
 from healthivert.training.loop import LoopSettings, MetricSink, fit, move_to

@@ -1,4 +1,5 @@
-"""Figures drawn during training: a grid of input | output | truth slices (matplotlib, no pyplot)."""
+"""Figures drawn during training (a grid of input | output | truth slices; matplotlib, no pyplot) and the
+metric sinks that file them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+
+from healthivert.config import View
 
 from healthivert.io.atomic import atomic_path
 from healthivert.training.baselines import Prediction
@@ -75,3 +78,34 @@ class FolderSink:
             figure.savefig(tmp, dpi=100, format="png")
         if self.inner is not None:
             self.inner.log_figure(figure, name)
+
+
+def view_key(key: str, view: View) -> str:
+    """The name of a metric or figure of a view that is not a stage's first: the view after the first segment.
+
+    ``val/model/dice`` -> ``val/coronal/model/dice``, ``samples/fine_epoch_001.png`` ->
+    ``samples/coronal/fine_epoch_001.png``, ``epoch`` -> ``coronal/epoch``.
+    """
+    head, slash, rest = key.partition("/")
+    return f"{head}/{view}/{rest}" if slash else f"{view}/{key}"
+
+
+class ViewSink:
+    """A metric sink that forwards everything under :func:`view_key` names (the views of a stage share one MLflow run).
+
+    Args:
+        inner: the sink to forward to.
+        view: the view whose training reports through this sink.
+    """
+
+    def __init__(self, inner: MetricSink, view: View) -> None:
+        self.inner = inner
+        self.view = view
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Forward metrics under the view's names."""
+        self.inner.log_metrics({view_key(k, self.view): v for k, v in metrics.items()}, step=step)
+
+    def log_figure(self, figure: Figure, name: str) -> None:
+        """Forward a figure under the view's name."""
+        self.inner.log_figure(figure, view_key(name, self.view))

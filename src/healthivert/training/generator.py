@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from torch.utils.data import DataLoader
 
-from healthivert.config import ModelParams, TrainParams
+from healthivert.config import ModelParams, TrainParams, View
 from healthivert.data.dataset import SliceDataset, target_rows
 from healthivert.errors import InputDataError
 from healthivert.models.discriminator import Discriminators
@@ -44,21 +44,22 @@ class GeneratorRun:
 
 
 def validation_loader(manifest: pd.DataFrame, root: Path, attention_dir: Path | None, model_params: ModelParams,
-                      train: TrainParams) -> DataLoader[dict] | None:
-    """Fixed slices of the val split's healthy vertebrae, or ``None`` when there are none."""
+                      train: TrainParams, view: View) -> DataLoader[dict] | None:
+    """Fixed ``view`` slices of the val split's healthy vertebrae, or ``None`` when there are none."""
     rows = target_rows(manifest, ["val"], max_grade=0)
     if rows.empty:
         log.warning("the val split has no healthy vertebra: training without validation")
         return None
-    dataset = SliceDataset(rows, root, train.view, attention_dir, model_params.max_height_px, train.seed,
+    dataset = SliceDataset(rows, root, view, attention_dir, model_params.max_height_px, train.seed,
                            slice_ratios=train.val_slice_ratios)
     return DataLoader(dataset, batch_size=train.batch_size)
 
 
 def train_generator(manifest: pd.DataFrame, root: Path, attention_dir: Path | None, model_params: ModelParams,
-                    train: TrainParams, stage: Stage, runtime: Runtime, checkpoint_dir: Path, digest: str,
-                    sink: MetricSink | None = None, initial: HealthiVertGenerator | None = None) -> GeneratorRun:
-    """Train the generator for one stage (resuming from ``checkpoint_dir`` when it holds this run).
+                    train: TrainParams, stage: Stage, view: View, runtime: Runtime, checkpoint_dir: Path,
+                    digest: str, sink: MetricSink | None = None, initial: HealthiVertGenerator | None = None
+                    ) -> GeneratorRun:
+    """Train the generator of one stage on one view (resuming from ``checkpoint_dir`` when it holds this run).
 
     Args:
         manifest: the preprocess manifest.
@@ -67,11 +68,12 @@ def train_generator(manifest: pd.DataFrame, root: Path, attention_dir: Path | No
         model_params: network sizes and switches.
         train: the stage's settings.
         stage: ``coarse`` or ``fine``.
+        view: the slices it learns from (``train.views`` lists the stage's views).
         runtime: device, precision, rank.
         checkpoint_dir: where the loop keeps ``last.pt``.
         digest: hash of everything the run depends on.
         sink: where to report losses, metrics and sample grids.
-        initial: weights to start from (the fine stage starts from the coarse generator).
+        initial: weights to start from (the fine stage starts from the coarse generator of the same view).
 
     Raises:
         InputDataError: no vertebra of grade <= 1 in the train split.
@@ -83,17 +85,18 @@ def train_generator(manifest: pd.DataFrame, root: Path, attention_dir: Path | No
     settings = LoopSettings(epochs=train.epochs, steps_per_epoch=train.steps_per_epoch, batch_size=train.batch_size,
                             checkpoint_every=train.checkpoint_every, seed=train.seed, num_workers=train.num_workers)
     attention = attention_dir if model_params.attention_module else None
-    dataset = SliceDataset(rows, root, train.view, attention, model_params.max_height_px, train.seed,
+    dataset = SliceDataset(rows, root, view, attention, model_params.max_height_px, train.seed,
                            samples_per_epoch=settings.samples_per_epoch(runtime.world_size))
-    validation = validation_loader(manifest, root, attention, model_params, train)
+    validation = validation_loader(manifest, root, attention, model_params, train, view)
     generator = HealthiVertGenerator(model_params)
     if initial is not None:
         generator.load_state_dict(initial.state_dict())
     task = InpaintingTask(generator, Discriminators(model_params), model_params, train.losses, stage, train.lr,
                           train.beta1, train.epochs, train.lr_constant_epochs, runtime, validation)
-    log.info("%s generator: %d target vertebrae, %d validation slices", stage, len(rows),
+    log.info("%s %s generator: %d target vertebrae, %d validation slices", stage, view, len(rows),
              0 if validation is None else len(validation.dataset))  # type: ignore[arg-type]
-    result = fit(task, dataset, settings, runtime, checkpoint_dir, digest, sink, description=f"{stage} generator")
+    result = fit(task, dataset, settings, runtime, checkpoint_dir, digest, sink,
+                 description=f"{stage} {view} generator")
     metrics = {f"train/{k}": v for k, v in result.last_losses.items()}
     if validation is not None and runtime.is_main:
         metrics.update({f"val/{k}": v for k, v in task.evaluate(validation).items()})

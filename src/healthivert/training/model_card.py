@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from healthivert.config import ModelParams, Section
+from healthivert.config import ModelParams, Section, View
 
 INTENDED_USE = "research use, not for diagnosis"
 
@@ -16,12 +16,14 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in sorted(metrics.items()) if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
-def generator_card(stage: str, model_params: ModelParams, train: Section, manifest: pd.DataFrame, crop_shape: tuple[int, ...],
-                   data_digest: str, params_digest: str, metrics: dict[str, float], training: dict[str, Any]) -> dict[str, Any]:
-    """Model card of a generator (and, for the coarse stage, of the fracture classifier beside it).
+def generator_card(stage: str, view: View, model_params: ModelParams, train: Section, manifest: pd.DataFrame,
+                   crop_shape: tuple[int, ...], data_digest: str, params_digest: str, metrics: dict[str, float],
+                   training: dict[str, Any]) -> dict[str, Any]:
+    """Model card of the generator of one stage and view (for the coarse stage, also of the classifier beside it).
 
     Args:
         stage: ``coarse`` or ``fine``.
+        view: the slices the generator was trained on.
         model_params: the network settings.
         train: the stage's training parameters.
         manifest: the training data's manifest (spacing and HU window are read from it).
@@ -31,13 +33,13 @@ def generator_card(stage: str, model_params: ModelParams, train: Section, manife
         metrics: final metrics (validation vs the baselines, losses).
         training: facts of the run (steps, seconds, device, precision, resumed-from step).
     """
-    view = getattr(train, "view", "sagittal")
     columns = "antero-posterior" if view == "sagittal" else "left-right"
     rows, cols = crop_shape[0], crop_shape[1] if view == "sagittal" else crop_shape[2]
     spacing = sorted(manifest["spacing_mm"].dropna().unique().tolist())
     windows = manifest[["hu_lo", "hu_hi"]].drop_duplicates().to_numpy().tolist()
     return {
-        "name": f"HealthiVert-GAN generator ({stage} stage)",
+        "name": f"HealthiVert-GAN generator ({stage} stage, {view} view)",
+        "view": view,
         "intended_use": INTENDED_USE,
         "method": "two-stage inpainting GAN synthesising a pseudo-healthy vertebra from its neighbours (arXiv 2503.05990)",
         "input": {
