@@ -13,6 +13,7 @@ from healthivert.config import ModelParams, SynthesizeParams
 from healthivert.io.nifti import load_volume, save_volume
 from healthivert.models import HealthiVertGenerator, save_generator
 from healthivert.synthesis.index import read_index
+from healthivert.synthesis import iterative
 from healthivert.synthesis.iterative import central_slices, synthesise_vertebra
 from test_rhlv_stage import IPL, NO_PARAMS, main, write_crops
 
@@ -125,6 +126,28 @@ def test_iterative_steps_move_the_target_with_its_restored_neighbour() -> None:
     both = synthesise_vertebra({"sagittal": generator}, ct, label, None, 21, (20, 22), params, 1.0, torch.device("cpu"))
     assert np.flatnonzero((both.label[:, :, k] == 21).any(axis=1)).tolist() == list(range(50, 78))
     assert calls == [8, 8, 8, 8, 8]
+
+
+def test_a_restored_neighbour_keeps_its_own_label_stretched_to_the_restored_height(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ct, label = crop()
+    generator = fixed_height_generator()
+    with torch.no_grad():  # a segmentation that finds nothing must not erase the neighbour
+        generator.fine.seg_head.bias.fill_(-20.0)
+    labels: list[np.ndarray] = []
+    real_step = iterative._synthesise_step
+
+    def record(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        labels.append(args[2].copy())  # the working label before each step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(iterative, "_synthesise_step", record)
+    synthesise_vertebra({"sagittal": generator}, ct, label, None, 21, (20,), SynthesizeParams(neighbour_min_voxels=10),
+                        1.0, torch.device("cpu"))
+    before_target = labels[1][:, :, 8]
+    # vertebra 20 (rows 20..43) restored at 28 rows centred on its gap 12..51: rows 18..45, all columns kept
+    assert np.flatnonzero((before_target == 20).any(axis=1)).tolist() == list(range(18, 46))
+    assert np.array_equal(before_target[30] == 20, label[30, :, 8] == 20)
 
 
 def test_neighbours_are_skipped_when_small_or_not_iterative() -> None:

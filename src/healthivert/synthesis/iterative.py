@@ -12,6 +12,12 @@ synthesised slice is re-assembled at the predicted healthy height, or at the ver
 in the slice where that is taller (as the method: a restoration never shortens a vertebra): the
 context above and below is shifted to meet the generated band, for the CT and the labels alike.
 
+A restored neighbour is labelled by its own label stretched to its restored height: the label only
+carries the target's context (and the SHRM's neighbour height), and the generator's segmentation,
+trained on vertebrae centred in the crop, is unreliable for the off-centre neighbours (it lost whole
+neighbours of the phantom's test vertebrae, which halved the target's neighbour height). The target
+is labelled by the generator's segmentation.
+
 With two views, the CT intensities and the target probabilities of the views are averaged where
 both synthesised a voxel; slices outside the synthesised range keep the original.
 """
@@ -90,6 +96,18 @@ def _target_rows(label_slice: np.ndarray, vertebra: int, max_height: int) -> tup
     return x1, x2
 
 
+def _stretched(label_slice: np.ndarray, vertebra: int, rows: tuple[int, int], generated: np.ndarray) -> np.ndarray:
+    """The vertebra's label of rows ``[x1, x2)`` resampled (nearest row) onto the ``generated`` rows."""
+    x1, x2 = rows
+    out_rows = np.flatnonzero(generated)
+    if out_rows.size == 0:
+        return np.zeros_like(label_slice)
+    source = x1 + ((out_rows - out_rows[0]) * (x2 - x1)) // out_rows.size
+    out = np.zeros_like(label_slice)
+    out[out_rows] = np.where(label_slice[source] == vertebra, vertebra, 0)
+    return out
+
+
 def _run_generator(generator: HealthiVertGenerator, samples: list[dict[str, np.ndarray]], batch_size: int,
                    device: torch.device, autocast_dtype: torch.dtype | None, stage: Stage
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,9 +132,12 @@ def _run_generator(generator: HealthiVertGenerator, samples: list[dict[str, np.n
 
 def _synthesise_step(generator: HealthiVertGenerator, ct: np.ndarray, label: np.ndarray, cam: np.ndarray | None,
                      vertebra: int, slices: np.ndarray, ratios: np.ndarray, min_voxels: int, max_height: int,
-                     batch_size: int, device: torch.device, autocast_dtype: torch.dtype | None, stage: Stage
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     batch_size: int, device: torch.device, autocast_dtype: torch.dtype | None, stage: Stage,
+                     label_from_segmentation: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Synthesise ``vertebra`` in the given slices of ``ct``/``label``/``cam`` (slicing axis last), in place.
+
+    The restored vertebra is labelled by the generator's segmentation (``label_from_segmentation``)
+    or by its own label stretched to the restored height.
 
     Returns:
         the slices done, the vertebra's probability ``(n, H, W)`` in them (0 outside its generated
@@ -147,7 +168,11 @@ def _synthesise_step(generator: HealthiVertGenerator, ct: np.ndarray, label: np.
         band = (int(samples[i]["band"][0]), int(samples[i]["band"][1]))
         context_label = close_up(label_slice, _target_rows(label_slice, vertebra, max_height), band)[context_rows[i]]
         context_label[context_label == vertebra] = 0  # rows of a target taller than the gap
-        new_label = np.where(generated[i][:, None], np.where(out_seg[i] > 0.5, vertebra, 0), context_label)
+        if label_from_segmentation:
+            restored = np.where(out_seg[i] > 0.5, vertebra, 0)
+        else:
+            restored = _stretched(label_slice, vertebra, _target_rows(label_slice, vertebra, max_height), generated[i])
+        new_label = np.where(generated[i][:, None], restored, context_label)
         if cam is not None:  # the attention moves with the context; the restored vertebra looks healthy
             rows = _target_rows(label_slice, vertebra, max_height)
             cam[:, :, k] = np.where(generated[i][:, None], 0.0, close_up(cam[:, :, k], rows, band)[context_rows[i]])
@@ -173,7 +198,7 @@ def _synthesise_view(generator: HealthiVertGenerator, ct: np.ndarray, label: np.
         done, prob, step_heights = _synthesise_step(
             generator, work_ct, work_label, work_cam, vertebra, slices, ratios,
             0 if is_target else params.neighbour_min_voxels, max_height, params.batch_size, device, autocast_dtype,
-            stage)
+            stage, label_from_segmentation=is_target)
         if is_target and done.size:
             probability[:, :, done] = np.moveaxis(prob, 0, -1)
             covered[done] = True
