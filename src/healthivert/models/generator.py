@@ -60,9 +60,10 @@ class _Decoder(nn.Module):
 class HeightHead(nn.Module):
     """SHRM head: global average pooling -> linear -> sigmoid x ``max_height`` (healthy height in rows).
 
-    With a prior (the neighbours' mean height, :func:`healthivert.data.samples.neighbour_height`),
-    the linear output is added to the prior's logit, so the head learns a correction of the
-    neighbours' height; it starts at the prior (zero-initialised linear). Where the prior is NaN or
+    With a prior (the coarse head: the neighbours' mean height,
+    :func:`healthivert.data.samples.neighbour_height`; the fine head: the coarse head's height), the
+    linear output is added to the prior's logit, so the head learns a correction of the prior; it
+    starts at the prior (zero-initialised linear), and the fine stage starts where the coarse ended. Where the prior is NaN or
     not given, the head predicts the height from the features alone, as the reference's does. The
     head runs in float32 (a bfloat16 sigmoid x 40 resolves heights to ~0.15 rows only).
     """
@@ -282,7 +283,9 @@ class HealthiVertGenerator(nn.Module):
         if stage == "fine":
             pasted = coarse_ct * mask + context
             fine_ct, fine_seg, fine_deep = self.fine(torch.cat([pasted, coarse_seg, mask, ratio], 1), mask, attention)
-            fine_height = self.fine_height_head(fine_deep, neighbour_height) if use_shrm else None
+            # the fine head corrects the coarse height (its prior); the coarse head learns from its own loss
+            coarse_prior = None if coarse_height is None else coarse_height.detach()
+            fine_height = self.fine_height_head(fine_deep, coarse_prior) if use_shrm else None
             height_now = fine_height
 
         kept_coarse = assemble_height if assemble_height is not None else _at_least(coarse_height, min_height)
