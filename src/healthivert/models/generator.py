@@ -126,7 +126,9 @@ class FineGenerator(nn.Module):
 
     Inputs (4 channels): the coarse CT pasted into the masked slice, the coarse segmentation, the mask
     and the slice-ratio plane. The CT head also sees the coarse segmentation and the segmentation head
-    the fine CT (one extra channel each).
+    the fine CT (one extra channel each). The CT head predicts a correction of the pasted coarse CT
+    and starts at zero, so a short fine stage cannot make the coarse result worse (a deviation: from
+    scratch, 400 fine steps raised the masked MAE from 34.9 to 41.3 HU on the phantom).
 
     Args:
         cnum: base width.
@@ -154,6 +156,8 @@ class FineGenerator(nn.Module):
         self.decoder = _Decoder(c, 1 if use_attention else 0)
         self.seg_decoder = _Decoder(c, 1 if use_attention else 0)
         self.ct_head = nn.Conv2d(max(c // 2, 1) + 1, 1, 3, padding=1)
+        nn.init.zeros_(self.ct_head.weight)
+        nn.init.zeros_(self.ct_head.bias)
         self.seg_head = nn.Conv2d(max(c // 2, 1) + 1, 1, 3, padding=1)
         self.feature_channels = merged
 
@@ -167,7 +171,9 @@ class FineGenerator(nn.Module):
             features.append(self.attention_decoder(filled))
         deep = torch.cat(features, 1)
         merged = self.merge(deep)
-        ct = self.ct_head(torch.cat([self.decoder(merged, attention), x[:, 1:2]], 1)).clamp(-1.0, 1.0)
+        # a correction of the coarse CT pasted in x[:, 0] (zero at start: fine training starts from the coarse result)
+        correction = self.ct_head(torch.cat([self.decoder(merged, attention), x[:, 1:2]], 1))
+        ct = (x[:, 0:1] + correction).clamp(-1.0, 1.0)
         seg = torch.sigmoid(self.seg_head(torch.cat([self.seg_decoder(merged, attention), ct], 1)))
         return ct, seg, deep
 
