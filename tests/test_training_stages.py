@@ -122,7 +122,7 @@ def test_changed_parameters_are_refused_without_touching_the_checkpoint(trained:
 
 @pytest.mark.parametrize(("case", "expected"), [
     ("no_manifest", "manifest not found"),
-    ("no_healthy_train", "no vertebra of grade <= 1"),
+    ("no_healthy_train", "no vertebra of grade <= 0"),
     ("no_coarse", "saved generator not found"),
     ("no_attention", "attention maps not found"),
 ])

@@ -177,9 +177,12 @@ class TrainParams(Section):
         views: one generator is trained per view, each on its own slices (2.5D synthesis fuses them);
             the first view's validation metrics keep the plain keys (``val/model/dice``), the others
             carry their view (``val/coronal/model/dice``).
+        target_max_grade: the generator learns from train-split vertebrae of Genant grade up to this
+            (the method: 1, mild fractures taken as healthy shapes; 0: healthy vertebrae only).
     """
 
     views: tuple[View, ...] = ("sagittal",)
+    target_max_grade: int = Field(1, ge=0, le=3)
     epochs: int = Field(4, ge=1)
     steps_per_epoch: int = Field(100, ge=1)
     batch_size: int = Field(8, ge=1)

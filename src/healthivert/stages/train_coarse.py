@@ -4,7 +4,7 @@
 ``train_coarse.views``) is trained and its Grad-CAM++ map is written for every crop of the manifest to
 ``--attention-out`` (``<case>_<vertebra>.nii.gz`` on the crop's grid, plus ``index.parquet``). (b) For
 each view of ``train_coarse.views`` a coarse generator is trained on the train split's vertebrae of
-grade <= 1 and compared on the val split's healthy vertebrae with the neighbour baselines.
+grade <= ``target_max_grade`` and compared on the val split's healthy vertebrae with the neighbour baselines.
 ``--out`` receives ``classifier.pt``, per view a generator, its model card and sample grids
 (sagittal: ``generator.pt``, ``model_card.json``, ``samples/``; coronal: ``generator_coronal.pt``,
 ``model_card_coronal.json``, ``samples_coronal/``) and the resolved ``params.yaml``. Every training

@@ -1,7 +1,7 @@
 """Stage 3, ``healthivert train-fine``: the whole generator (coarse + fine) per view, coarse initialised from stage 2.
 
 For each view of ``train_fine.views``, starting from the coarse generator of the same view in
-``--coarse``, trains on the train split's vertebrae of grade <= 1 with the attention maps of stage 2,
+``--coarse``, trains on the train split's vertebrae of grade <= ``target_max_grade`` with the attention maps of stage 2,
 compares the result on the val split's healthy vertebrae with the neighbour baselines, and writes
 ``--out`` like train-coarse does (per view a generator, model card and sample grids: ``generator.pt``,
 ``model_card.json``, ``samples/`` for sagittal, ``generator_coronal.pt``, ... for coronal; and

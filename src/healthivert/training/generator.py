@@ -1,6 +1,6 @@
 """One generator training stage end to end: samples, networks, the loop, and the final comparison.
 
-Targets are the train split's vertebrae of grade <= 1; validation uses the val split's healthy
+Targets are the train split's vertebrae of grade <= ``target_max_grade``; validation uses the val split's healthy
 (grade 0) vertebrae at fixed slices, where the model is compared with the neighbour baselines.
 """
 
@@ -76,11 +76,12 @@ def train_generator(manifest: pd.DataFrame, root: Path, attention_dir: Path | No
         initial: weights to start from (the fine stage starts from the coarse generator of the same view).
 
     Raises:
-        InputDataError: no vertebra of grade <= 1 in the train split.
+        InputDataError: no vertebra of grade <= ``train.target_max_grade`` in the train split.
     """
-    rows = target_rows(manifest, ["train"])
+    rows = target_rows(manifest, ["train"], max_grade=train.target_max_grade)
     if rows.empty:
-        raise InputDataError(root / "manifest.parquet", "the train split has no vertebra of grade <= 1 to train the generator on")
+        raise InputDataError(root / "manifest.parquet", f"the train split has no vertebra of grade <= "
+                             f"{train.target_max_grade} to train the generator on")
     seed_everything(train.seed)
     settings = LoopSettings(epochs=train.epochs, steps_per_epoch=train.steps_per_epoch, batch_size=train.batch_size,
                             checkpoint_every=train.checkpoint_every, seed=train.seed, num_workers=train.num_workers)
