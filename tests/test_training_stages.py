@@ -114,7 +114,7 @@ def test_rerun_resumes_from_the_finished_checkpoint_and_reproduces_the_model(tra
 def test_changed_parameters_are_refused_without_touching_the_checkpoint(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     checkpoint = trained / "ck" / "fine" / CHECKPOINT_NAME
     before = checkpoint.read_bytes()
-    assert main(_fine(trained, "train_fine.lr=0.001")) == 2
+    assert main(_fine(trained, "train_fine.lr=0.0005")) == 2
     message = capsys.readouterr().err.strip()
     assert message.count("\n") == 0 and CHECKPOINT_NAME in message and "other parameters" in message
     assert checkpoint.read_bytes() == before
