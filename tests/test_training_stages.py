@@ -16,7 +16,7 @@ from healthivert.cli import main
 from healthivert.config import load_params
 from healthivert.io.nifti import load_volume
 from healthivert.models.io import load_classifier, load_generator, read_saved_model
-from healthivert.stages.train_coarse import training_digest
+from healthivert.training.views import training_digest
 from healthivert.synthesis.index import read_index
 from healthivert.training.checkpoint import CHECKPOINT_NAME
 from test_dataset import MAX_HEIGHT, write_box_dataset

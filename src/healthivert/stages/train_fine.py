@@ -21,11 +21,11 @@ from healthivert.data.manifest import MANIFEST_NAME, read_manifest
 from healthivert.errors import InputDataError
 from healthivert.models.io import generator_file, load_view_generator, view_file_name
 from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
-from healthivert.stages.train_coarse import (GENERATOR_CHECKPOINTS, barrier, report_model, train_view, views_metrics,
-                                             write_model_folder)
 from healthivert.tracking.runs import StageTracker, stage_run
 from healthivert.training.checkpoint import file_digest
 from healthivert.training.runtime import runtime_for
+from healthivert.training.views import (GENERATOR_CHECKPOINTS, barrier, report_model, train_view, views_metrics,
+                                        write_model_folder)
 
 
 SECTIONS = ("model", "train_fine")
