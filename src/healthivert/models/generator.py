@@ -63,9 +63,10 @@ class HeightHead(nn.Module):
     With a prior (the coarse head: the neighbours' mean height,
     :func:`healthivert.data.samples.neighbour_height`; the fine head: the coarse head's height), the
     linear output is added to the prior's logit, so the head learns a correction of the prior; it
-    starts at the prior (zero-initialised linear), and the fine stage starts where the coarse ended. Where the prior is NaN or
-    not given, the head predicts the height from the features alone, as the reference's does. The
-    head runs in float32 (a bfloat16 sigmoid x 40 resolves heights to ~0.15 rows only).
+    starts at the prior (zero-initialised linear), and the fine stage starts where the coarse ended.
+    Where the prior is NaN or not given, the head predicts the height from the features alone, as the
+    reference's does. The head runs in float32 (a bfloat16 sigmoid x 40 resolves heights to ~0.15
+    rows only).
     """
 
     def __init__(self, channels: int, max_height: float, use_prior: bool = False) -> None:
