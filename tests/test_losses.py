@@ -30,7 +30,8 @@ def perfect_output(batch: dict[str, torch.Tensor]) -> GeneratorOutput:
                            fine_ct=batch["real_ct"], fine_seg=batch["real_target"],
                            coarse_height=batch["height"], fine_height=batch["height"],
                            coarse_ct_assembled=batch["real_ct"], coarse_seg_assembled=batch["real_neighbours"],
-                           ct=batch["real_ct"], seg=batch["real_target"], height=batch["height"])
+                           ct=batch["real_ct"], seg=batch["real_target"], height=batch["height"],
+                           kept_rows=batch["height"].long())
 
 
 def test_terms_are_zero_at_the_truth_and_positive_otherwise() -> None:

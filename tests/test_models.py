@@ -76,6 +76,14 @@ def test_known_context_is_kept_and_assembled_at_the_predicted_height() -> None:
     with torch.no_grad():
         forced = gen(**x, stage="fine", assemble_height=torch.tensor([5.0, 11.0]))
     torch.testing.assert_close(forced.ct, assemble(forced.fine_ct, x["ct"], band, torch.tensor([5.0, 11.0])))
+    assert forced.kept_rows.tolist() == [5, 11]
+    # as the method, a restoration keeps at least the vertebra's own height; the prediction is reported as is
+    with torch.no_grad():
+        floored = gen(**x, stage="fine", min_height=torch.tensor([16.0, 0.0]))
+    expected = torch.stack([torch.tensor(16), torch.round(floored.fine_height[1]).long().clamp(0, 16)])
+    assert floored.kept_rows.tolist() == expected.tolist()
+    torch.testing.assert_close(floored.height, out.fine_height)
+    torch.testing.assert_close(floored.ct, assemble(floored.fine_ct, x["ct"], band, expected.float()))
 
 
 def test_attention_module_switch() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -19,7 +20,7 @@ from healthivert.errors import CheckpointError
 from healthivert.models.classifier import FractureClassifier
 from healthivert.models.discriminator import Discriminators
 from healthivert.models.generator import HealthiVertGenerator
-from healthivert.training.checkpoint import CHECKPOINT_NAME
+from healthivert.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from healthivert.training.classifier import attention_volume
 from healthivert.training.figures import ViewSink
 from healthivert.training.gan import InpaintingTask
@@ -99,18 +100,20 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(data, tmp_path: Pat
     assert not different, different[:5]
 
 
-def test_checkpoint_of_other_parameters_is_refused_untouched(data, tmp_path: Path) -> None:
+def test_checkpoint_of_other_parameters_starts_afresh_and_is_replaced(data, tmp_path: Path, caplog) -> None:
     task, train = _task(data, "coarse", CPU, 1)
     settings = LoopSettings(epochs=1, steps_per_epoch=2, batch_size=4, checkpoint_every=1, seed=0)
     fit(task, train, settings, CPU, tmp_path, "digest-a")
-    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
-    with pytest.raises(CheckpointError, match="other parameters") as error:
+    assert load_checkpoint(tmp_path, "digest-a").step == 2
+    with caplog.at_level(logging.WARNING):
+        result = fit(task, train, settings, CPU, tmp_path, "digest-b")
+    assert result.resumed_from == 0 and result.step == 2
+    assert "other parameters (digest digest-a, now digest-b)" in caplog.text
+    assert load_checkpoint(tmp_path, "digest-b").digest == "digest-b"
+    (tmp_path / CHECKPOINT_NAME).write_bytes((tmp_path / CHECKPOINT_NAME).read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="unreadable") as error:
         fit(task, train, settings, CPU, tmp_path, "digest-b")
     assert "\n" not in str(error.value) and CHECKPOINT_NAME in str(error.value)
-    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
-    (tmp_path / CHECKPOINT_NAME).write_bytes(before[:100])
-    with pytest.raises(CheckpointError, match="unreadable"):
-        fit(task, train, settings, CPU, tmp_path, "digest-a")
 
 
 def test_generator_loss_falls_and_validation_improves(data, tmp_path: Path) -> None:

@@ -93,6 +93,12 @@ def assembly_rows(n_rows: int, band: torch.Tensor, height: torch.Tensor
     return context_rows, from_generated
 
 
+def kept_rows(height: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` long: the generated rows an assembly at ``height`` keeps, ``round(height)`` within ``[0, b1 - b0]``."""
+    kept = torch.round(height.detach().reshape(-1)).to(torch.long).clamp(min=0)
+    return torch.minimum(kept, (band[:, 1] - band[:, 0]).to(kept.device))
+
+
 def assemble(generated: torch.Tensor, context: torch.Tensor, band: torch.Tensor,
              height: torch.Tensor) -> torch.Tensor:
     """Re-assemble a slice at a given height (SHRM): generated band centre + shifted context.
@@ -112,9 +118,7 @@ def assemble(generated: torch.Tensor, context: torch.Tensor, band: torch.Tensor,
     """
     batch, channels, n_rows, n_cols = generated.shape
     band = band.to(device=generated.device, dtype=torch.long).reshape(batch, 2)
-    kept = torch.round(height.detach().reshape(batch)).to(torch.long)
-    kept = torch.minimum(kept.clamp(min=0), band[:, 1] - band[:, 0])
-    context_rows, from_generated = assembly_rows(n_rows, band, kept)
+    context_rows, from_generated = assembly_rows(n_rows, band, kept_rows(height, band))
     index = context_rows[:, None, :, None].expand(batch, channels, n_rows, n_cols)
     shifted = torch.gather(context, 2, index)
     return torch.where(from_generated[:, None, :, None], generated, shifted)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from healthivert.config import ModelParams
-from healthivert.data.samples import assemble
+from healthivert.data.samples import assemble, kept_rows
 from healthivert.models.contextual_attention import ContextualAttention
 
 Stage = Literal["coarse", "fine"]
@@ -193,6 +193,8 @@ class GeneratorOutput:
         ct, seg: the final re-assembled outputs (the fine ones in stage ``"fine"``).
         height: the final predicted height; with SHRM off, the height assembled at (the given one, or
             the band height when the band is kept as is).
+        kept_rows: ``(B,)`` long, the generated rows ``ct``/``seg`` keep, centred on the band: the
+            height assembled at (raised to ``min_height``), rounded and clipped to the band.
     """
 
     coarse_ct: torch.Tensor
@@ -206,6 +208,7 @@ class GeneratorOutput:
     ct: torch.Tensor
     seg: torch.Tensor
     height: torch.Tensor
+    kept_rows: torch.Tensor
 
 
 def band_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -304,9 +307,11 @@ class HealthiVertGenerator(nn.Module):
             final_ct, final_seg = self._finish(fine_ct, fine_seg, context, mask, band, kept_final)
         else:
             final_ct, final_seg = coarse_ct_out, coarse_seg_out
+        band_height = (band[:, 1] - band[:, 0]).to(ct.dtype)
         if height_now is None:
-            height_now = kept_final if kept_final is not None else (band[:, 1] - band[:, 0]).to(ct.dtype)
+            height_now = kept_final if kept_final is not None else band_height
+        kept = kept_rows(kept_final if kept_final is not None else band_height, band)
         return GeneratorOutput(coarse_ct=coarse_ct, coarse_seg=coarse_seg, fine_ct=fine_ct, fine_seg=fine_seg,
                                coarse_height=coarse_height, fine_height=fine_height,
                                coarse_ct_assembled=coarse_ct_out, coarse_seg_assembled=coarse_seg_out,
-                               ct=final_ct, seg=final_seg, height=height_now)
+                               ct=final_ct, seg=final_seg, height=height_now, kept_rows=kept)

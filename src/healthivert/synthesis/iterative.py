@@ -3,10 +3,11 @@
 Crops are ``(CC, AP, LR)`` (``IPL``: row 0 cranial, column 0 anterior, slice 0 right). A *sagittal*
 slice is ``crop[:, :, k]``, a *coronal* one ``crop[:, j, :]``; rows are always cranio-caudal.
 
-For every slice in the central ``slice_fraction`` of the target's extent across the slicing axis:
-first the vertebra above is synthesised (where it has more than ``neighbour_min_voxels`` voxels in
-the slice) and put back in the slice, then the vertebra below on that result, then the target on
-that result, so a fractured neighbour cannot distort the target's restored height. Each step runs
+For every slice in the central ``slice_fraction`` of the target's extent across the slicing axis,
+with ``iterative`` (the method): first the vertebra above is synthesised (where it has more than
+``neighbour_min_voxels`` voxels in the slice) and put back in the slice, then the vertebra below on
+that result, then the target on that result, so a fractured neighbour cannot distort the target's
+restored height. Without it, the target is synthesised once, on its real neighbours. Each step runs
 all slices of the vertebra through the generator in one batch (chunks of ``batch_size``). Each
 synthesised slice is re-assembled at the predicted healthy height, or at the vertebra's own height
 in the slice where that is taller (as the method: a restoration never shortens a vertebra): the
@@ -110,9 +111,10 @@ def _stretched(label_slice: np.ndarray, vertebra: int, rows: tuple[int, int], ge
 
 def _run_generator(generator: HealthiVertGenerator, samples: list[dict[str, np.ndarray]], batch_size: int,
                    device: torch.device, autocast_dtype: torch.dtype | None, stage: Stage
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Final CT ``(N, H, W)`` in [-1, 1], target probability ``(N, H, W)`` and height ``(N,)`` of the samples."""
-    cts, segs, heights = [], [], []
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Final CT ``(N, H, W)`` in [-1, 1], target probability ``(N, H, W)``, predicted height ``(N,)`` and
+    generated rows kept ``(N,)`` (at least the vertebra's own height, as the method) of the samples."""
+    cts, segs, heights, kept = [], [], [], []
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     with torch.inference_mode(), autocast:
@@ -127,7 +129,8 @@ def _run_generator(generator: HealthiVertGenerator, samples: list[dict[str, np.n
             cts.append(out.ct[:, 0].float().cpu().numpy())
             segs.append(out.seg[:, 0].float().cpu().numpy())
             heights.append(out.height.float().reshape(-1).cpu().numpy())
-    return np.concatenate(cts), np.concatenate(segs), np.concatenate(heights)
+            kept.append(out.kept_rows.cpu().numpy())
+    return np.concatenate(cts), np.concatenate(segs), np.concatenate(heights), np.concatenate(kept)
 
 
 def _synthesise_step(generator: HealthiVertGenerator, ct: np.ndarray, label: np.ndarray, cam: np.ndarray | None,
@@ -156,12 +159,9 @@ def _synthesise_step(generator: HealthiVertGenerator, ct: np.ndarray, label: np.
     n_rows = ct.shape[0]
     if not samples:
         return np.zeros(0, dtype=np.int64), np.zeros((0, n_rows, ct.shape[1]), np.float32), np.zeros(0)
-    out_ct, out_seg, heights = _run_generator(generator, samples, batch_size, device, autocast_dtype, stage)
+    out_ct, out_seg, heights, kept = _run_generator(generator, samples, batch_size, device, autocast_dtype, stage)
     bands = torch.from_numpy(np.stack([s["band"] for s in samples]))
-    # as the method: the restored height is at least the vertebra's own height in the slice
-    real = torch.from_numpy(np.stack([s["height"] for s in samples])).long()
-    kept = torch.minimum(torch.maximum(torch.round(torch.from_numpy(heights)).long(), real), bands[:, 1] - bands[:, 0])
-    context_rows, generated = (t.numpy() for t in assembly_rows(n_rows, bands, kept))
+    context_rows, generated = (t.numpy() for t in assembly_rows(n_rows, bands, torch.from_numpy(kept)))
     probabilities = np.where(generated[:, :, None], out_seg, 0.0).astype(np.float32)
     for i, k in enumerate(chosen):
         label_slice = label[:, :, k]

@@ -2,8 +2,9 @@
 
 A checkpoint holds the networks, optimisers, schedulers and loss scaler (their state dicts), the
 step and epoch reached, the random states of python, numpy and torch, and the digest of the
-parameters that produced it. Resuming is refused (one line, nothing overwritten) when the digest
-differs from the current parameters'.
+parameters that produced it. A checkpoint of other parameters is not resumed: the run starts afresh
+(with a warning) and replaces it at its first checkpoint, so a parameter edit in a DVC workflow just
+retrains. An unreadable checkpoint is refused in one line.
 """
 
 from __future__ import annotations
@@ -104,10 +105,11 @@ def load_checkpoint(folder: str | os.PathLike[str], digest: str) -> Checkpoint |
     """Read ``folder/last.pt`` if present and written with the same parameters.
 
     Returns:
-        The checkpoint, or ``None`` when the folder holds none (a fresh start).
+        The checkpoint, or ``None`` for a fresh start: the folder holds none, or one written with
+        other parameters (logged; the caller's first checkpoint replaces it).
 
     Raises:
-        CheckpointError: the file is unreadable, or was written with other parameters.
+        CheckpointError: the file is unreadable or not a checkpoint of this version.
     """
     path = Path(folder) / CHECKPOINT_NAME
     if not path.exists():
@@ -119,11 +121,9 @@ def load_checkpoint(folder: str | os.PathLike[str], digest: str) -> Checkpoint |
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(path, "not a HealthiVert training checkpoint of this version", "delete it to start afresh")
     if payload["digest"] != digest:
-        raise CheckpointError(
-            path,
-            f"was written with other parameters (digest {payload['digest']}, now {digest})",
-            "use another --checkpoint-dir, restore the parameters, or delete the checkpoint to start afresh",
-        )
+        log.warning("%s was written with other parameters (digest %s, now %s): starting afresh, the first "
+                    "checkpoint of this run replaces it", path, payload["digest"], digest)
+        return None
     return Checkpoint(
         digest=payload["digest"],
         step=int(payload["step"]),

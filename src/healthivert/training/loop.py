@@ -153,13 +153,13 @@ def fit(
         settings: epochs, steps, batch size, checkpoint interval, seed.
         runtime: device, precision and rank.
         checkpoint_dir: where ``last.pt`` lives.
-        digest: hash of the parameters; a checkpoint with another digest is refused.
+        digest: hash of the parameters; a checkpoint with another digest is not resumed (a fresh start replaces it).
         sink: optional receiver of per-step losses and per-epoch metrics (rank 0 only).
         on_step: called with the global step after each step (tests use it to simulate a kill).
         description: label of the progress bar.
 
     Raises:
-        CheckpointError: the checkpoint was written with other parameters, or is unreadable.
+        CheckpointError: the checkpoint is unreadable.
         ConfigError: the dataset is shorter than an epoch.
     """
     needed = settings.samples_per_epoch(runtime.world_size)
