@@ -5,9 +5,11 @@ Usage: ``python benchmarks/bench_downstream.py [--repeats N] [--sizes cpu full] 
 - RHLV: sagittal + coronal RHLV and the height-loss map of one vertebra, on the real straightened
   VerSe'19 labels of ``../shared/data`` (256 x 256 x 64) when present, and on a default-size crop
   (``preprocess.crop_shape``) with an anterior wedge.
-- Synthesis: one vertebra of a default-size crop with a neighbour above and below, one view
-  (sagittal), iterative (3 batched generator passes), for each model size and precision. The
-  generator is untrained: the time does not depend on the weights.
+- Synthesis: one vertebra with a neighbour above and below, one view (sagittal), iterative (3
+  batched generator passes) and single-pass, for each model size and precision, each size on its
+  configuration's crop and synthesis settings (``cpu``: ``params.yaml``; ``full``: with
+  ``configs/full.yaml``, 256 x 256 x 64). The generator is untrained: the time does not depend on
+  the weights.
 - SVM: holdout fit (C chosen on val over the default grid) on 1,460 vertebrae (VerSe'19's size).
 """
 
@@ -21,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from healthivert.config import ModelParams, SvmFitParams, SynthesizeParams, load_params
+from healthivert.config import ModelParams, SvmFitParams, load_params
 from healthivert.grading import fit_grader
 from healthivert.io.nifti import load_volume
 from healthivert.models import HealthiVertGenerator
@@ -29,6 +31,7 @@ from healthivert.rhlv import compute_rhlv, compute_rhlv_coronal, height_loss_map
 from healthivert.synthesis.iterative import synthesise_vertebra
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 STRAIGHTENED = ROOT.parent / "shared" / "data" / "verse19-sample" / "straightened" / "label"
 
 
@@ -77,25 +80,30 @@ def bench_rhlv(crop_shape: tuple[int, int, int], repeats: int) -> None:
         print(f"rhlv   {name}: {1000 * best_of(lambda: measure(syn, ori), repeats):.1f} ms per vertebra")
 
 
-def bench_synthesis(crop_shape: tuple[int, int, int], sizes: list[str], precisions: list[str], repeats: int) -> None:
-    """Iterative one-view synthesis of one vertebra per model size and precision."""
-    ct, label = spine_crop(crop_shape)
-    cam = np.zeros(crop_shape, dtype=np.float32)
-    params = SynthesizeParams()
+def bench_synthesis(sizes: list[str], precisions: list[str], repeats: int) -> None:
+    """One-view synthesis of one vertebra per model size, precision and mode (iterative or not)."""
     device = torch.device("cpu")
     for size in sizes:
+        params = load_params([ROOT / "params.yaml", *([CONFIGS / "full.yaml"] if size == "full" else [])])
+        crop_shape = tuple(params.preprocess.crop_shape)
+        ct, label = spine_crop(crop_shape)
+        cam = np.zeros(crop_shape, dtype=np.float32)
         torch.manual_seed(0)
-        generator = HealthiVertGenerator(ModelParams(size=size)).eval()
+        generator = HealthiVertGenerator(params.model).eval()
         for precision in precisions:
             dtype = torch.bfloat16 if precision == "bf16" else None
+            for iterative in (True, False):
+                settings = params.synthesize.model_copy(update={"views": ("sagittal",), "iterative": iterative})
 
-            def run() -> None:
-                synthesise_vertebra({"sagittal": generator}, ct, label, cam, 21, (20, 22), params, 1.0, device, dtype)
+                def run() -> None:
+                    synthesise_vertebra({"sagittal": generator}, ct, label, cam, 21, (20, 22), settings, 1.0, device,
+                                        dtype)
 
-            run()  # warm-up (allocator, oneDNN kernels)
-            seconds = best_of(run, repeats)
-            print(f"synth  size={size} {precision}: {seconds:.2f} s per vertebra "
-                  f"(crop {crop_shape}, sagittal, iterative, {torch.get_num_threads()} threads)")
+                run()  # warm-up (allocator, oneDNN kernels)
+                seconds = best_of(run, repeats)
+                mode = "iterative" if iterative else "single pass"
+                print(f"synth  size={size} {precision} {mode}: {seconds:.2f} s per vertebra (crop {crop_shape}, "
+                      f"sagittal, slice_fraction {settings.slice_fraction}, {torch.get_num_threads()} threads)")
 
 
 def bench_svm(repeats: int) -> None:
@@ -129,7 +137,7 @@ def main() -> None:
     if "svm" not in args.skip:
         bench_svm(args.repeats)
     if "synthesis" not in args.skip:
-        bench_synthesis(crop_shape, args.sizes, args.precisions, args.repeats)
+        bench_synthesis(args.sizes, args.precisions, args.repeats)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,8 @@ def render_spine(layout: SpineLayout, spacing_mm: tuple[float, float, float], rn
     waves = np.c_[rng.normal(0.0, 1.0, (8, 3)), rng.uniform(0, 2 * np.pi, 8)]
     waves[:, :3] *= (2 * np.pi / rng.uniform(2.5, 5.0, 8) / np.linalg.norm(waves[:, :3], axis=1))[:, None]
 
-    specs = layout.vertebrae
+    specs = [layout.context[0], *layout.vertebrae, layout.context[-1]]
+    labelled = {spec.vertebra for spec in layout.vertebrae}
     posts = [_Posterior.of(spec) for spec in specs]
     # Canal and discs first: bone is painted over them.
     for spec, post in zip(specs, posts):
@@ -206,5 +207,6 @@ def render_spine(layout: SpineLayout, spacing_mm: tuple[float, float, float], rn
             region[posterior] = posterior_hu[posterior]
             region[body] = trabecular[body]
             region[shell] = layout.cortical_hu + 60.0 * texture[shell]
-            region_labels[posterior | body] = spec.vertebra
+            if spec.vertebra in labelled:
+                region_labels[posterior | body] = spec.vertebra
     return RenderedSpine(ct, labels, healthy_ct, healthy_labels)

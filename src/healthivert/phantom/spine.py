@@ -22,7 +22,9 @@ from healthivert.phantom.anatomy import (
 
 FIRST_VERTEBRA = (13, 17)  # T6 .. T10: the cranial end of a phantom spine
 LAST_VERTEBRA = 24  # L5
-_MARGIN_MM = 16.0  # field of view beyond the first and last body, along the spine
+_BEYOND_MM = 80.0  # the centre line is followed this far beyond the field of view
+#: share of an unlabelled context vertebra's height inside the field of view (the scan cuts through it)
+_CONTEXT_IN_VIEW = (0.3, 0.8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +79,11 @@ class SpineCurve:
         return np.stack([e_u, e_v, e_w])
 
     def z_at_arclength(self, s: np.ndarray, z_max: float) -> np.ndarray:
-        """Heights ``z`` where the arc length measured from ``z = 0`` equals ``s`` (mm)."""
-        z = np.linspace(0.0, z_max, int(z_max * 10) + 2)
+        """Heights ``z`` where the arc length measured from ``z = 0`` equals ``s`` (mm; negative above ``z = 0``)."""
+        z = np.linspace(-_BEYOND_MM, z_max + _BEYOND_MM, int((z_max + 2 * _BEYOND_MM) * 10) + 2)
         steps = np.linalg.norm(np.diff(self.point(z), axis=0), axis=1)
         arclength = np.r_[0.0, np.cumsum(steps)]
-        return np.interp(s, arclength, z)
+        return np.interp(np.asarray(s) + np.interp(0.0, z, arclength), arclength, z)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +91,9 @@ class SpineLayout:
     """A sampled spine: its vertebrae (cranial first), centre line and field of view.
 
     Attributes:
-        vertebrae: one spec per vertebra, cranial to caudal.
+        vertebrae: one spec per labelled vertebra, cranial to caudal.
+        context: the unlabelled vertebra just above and the one just below them, cut by the field of
+            view (a scan shows more spine than is labelled and graded): rendered, never labelled.
         curve: the centre line.
         fov_mm: field of view ``(z, y, x)`` in mm.
         cortical_hu: HU of the cortical shell.
@@ -97,6 +101,7 @@ class SpineLayout:
     """
 
     vertebrae: list[VertebraSpec]
+    context: list[VertebraSpec]
     curve: SpineCurve
     fov_mm: tuple[float, float, float]
     cortical_hu: float
@@ -122,12 +127,15 @@ def sample_spine(rng: np.random.Generator, params: PhantomParams) -> SpineLayout
     """Draw a phantom spine: consecutive thoracolumbar vertebrae with realistic, smoothly varying sizes.
 
     Body heights grow from about 18 mm (T6) to 28 mm (L5), depths from 28 to 38 mm, widths from 35 to
-    49 mm, discs from 5 to 9 mm; a patient scale and small per-vertebra jitter vary them.
+    49 mm, discs from 5 to 9 mm; a patient scale and small per-vertebra jitter vary them. One
+    unlabelled vertebra (the sacrum's body below L5) continues the spine at each end, and the field of
+    view cuts through it.
     """
     low, high = params.vertebrae_per_case
     count = int(rng.integers(low, high + 1))
     first = int(rng.integers(FIRST_VERTEBRA[0], min(FIRST_VERTEBRA[1], LAST_VERTEBRA - count + 1) + 1))
-    ids = list(range(first, first + count))
+    ids = list(range(first - 1, first + count + 1))  # the labelled vertebrae and a context one at each end
+    count = len(ids)
     patient = rng.uniform(0.95, 1.05)
     density = rng.uniform(120.0, 230.0)
     rank = (np.asarray(ids) - FIRST_VERTEBRA[0]) / (LAST_VERTEBRA - FIRST_VERTEBRA[0])
@@ -135,25 +143,27 @@ def sample_spine(rng: np.random.Generator, params: PhantomParams) -> SpineLayout
     depths = patient * (28.5 + 9.5 * rank + rng.uniform(-1.0, 1.0, count))
     widths = patient * (35.5 + 13.5 * rank + rng.uniform(-1.0, 1.0, count))
     discs = 5.2 + 3.6 * rank + rng.uniform(-0.6, 0.6, count)
-    length = float(heights.sum() + discs[:-1].sum())
-    fov = (length + 2 * _MARGIN_MM, params.fov_mm[0], params.fov_mm[1])
+    in_view = rng.uniform(*_CONTEXT_IN_VIEW, 2) * heights[[0, -1]]
+    length = float(in_view.sum() + heights[1:-1].sum() + discs[:-1].sum())
+    fov = (length, params.fov_mm[0], params.fov_mm[1])
+    # arc length from the top of the field of view to the top of each body
+    tops = in_view[0] - heights[0] + np.r_[0.0, np.cumsum(heights[:-1] + discs[:-1])]
     curve = SpineCurve(
         y0=0.46 * fov[1] + rng.uniform(-3.0, 3.0),
         sagittal_amp=rng.uniform(5.0, 12.0),
         sagittal_wavelength=rng.uniform(320.0, 420.0),
-        z_inflection=_MARGIN_MM + float(heights[: max(0, 20 - first)].sum() + discs[: max(0, 20 - first)].sum()),
+        z_inflection=float(tops[min(max(0, 20 - ids[0]), count - 1)]),
         x0=fov[2] / 2 + rng.uniform(-3.0, 3.0),
         coronal_amp=rng.uniform(0.0, 5.0),
         coronal_wavelength=rng.uniform(300.0, 500.0),
         coronal_phase=rng.uniform(0.0, 2 * np.pi),
     )
     # Body centres along the curve, by arc length from the top of the field of view.
-    offsets = _MARGIN_MM + np.cumsum(np.r_[0.0, heights[:-1] / 2 + discs[:-1] + heights[1:] / 2]) + heights[0] / 2
-    z_centres = curve.z_at_arclength(offsets, fov[0])
+    z_centres = curve.z_at_arclength(tops + heights / 2, fov[0])
     vertebrae = []
     for n, vid in enumerate(ids):
         tilt = rng.uniform(0.02, 0.06) if vid <= 19 else (rng.uniform(-0.02, 0.03) if vid <= 22 else rng.uniform(-0.06, 0.0))
-        fracture, target = _draw_fracture(rng, params)
+        fracture, target = _draw_fracture(rng, params) if 0 < n < count - 1 else (Fracture(), 0.0)
         spec = VertebraSpec(
             vertebra=vid,
             height_mm=float(heights[n]),
@@ -169,5 +179,6 @@ def sample_spine(rng: np.random.Generator, params: PhantomParams) -> SpineLayout
         if target > 0.0:
             spec = dataclasses.replace(spec, fracture=dataclasses.replace(fracture, scale=scale_for_loss(spec, target)))
         vertebrae.append(spec)
-    return SpineLayout(vertebrae, curve, fov, cortical_hu=float(rng.uniform(600.0, 1000.0)),
+    return SpineLayout(vertebrae[1:-1], [vertebrae[0], vertebrae[-1]], curve, fov,
+                       cortical_hu=float(rng.uniform(600.0, 1000.0)),
                        shell_mm=float(rng.uniform(1.0, 1.6)))
