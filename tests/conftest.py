@@ -19,7 +19,7 @@ if torch is not None:
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 #: The phantom dataset behind ``phantom_root``: 3 cases of 5-6 vertebrae, coarse voxels, several fractures.
-SMALL_PHANTOM = PhantomParams(cases=3, seed=31, vertebrae_per_case=(5, 6), fracture_share=0.4,
+SMALL_PHANTOM = PhantomParams(cases=3, seed=33, vertebrae_per_case=(5, 6), fracture_share=0.4,
                               spacing_mm_range=(1.0, 1.5))
 
 

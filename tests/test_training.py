@@ -100,6 +100,22 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(data, tmp_path: Pat
     assert not different, different[:5]
 
 
+def test_gradients_are_clipped_to_the_set_norm(data) -> None:
+    task, train = _task(data, "fine", CPU, 1)
+    batch = next(iter(DataLoader(train, batch_size=4)))
+
+    def norm(module: torch.nn.Module) -> float:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()
+                                                            if p.grad is not None])))
+
+    task.train_step(batch)
+    free = norm(task.generator), norm(task.discriminators)
+    task.grad_clip_norm = 1e-3
+    task.train_step(batch)
+    assert min(free) > 1e-2
+    assert norm(task.generator) <= 1e-3 * 1.001 and norm(task.discriminators) <= 1e-3 * 1.001
+
+
 def test_checkpoint_of_other_parameters_starts_afresh_and_is_replaced(data, tmp_path: Path, caplog) -> None:
     task, train = _task(data, "coarse", CPU, 1)
     settings = LoopSettings(epochs=1, steps_per_epoch=2, batch_size=4, checkpoint_every=1, seed=0)

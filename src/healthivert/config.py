@@ -179,6 +179,8 @@ class TrainParams(Section):
             carry their view (``val/coronal/model/dice``).
         target_max_grade: the generator learns from train-split vertebrae of Genant grade up to this
             (the method: 1, mild fractures taken as healthy shapes; 0: healthy vertebrae only).
+        grad_clip_norm: the generator's and the discriminators' gradients are clipped to this total
+            norm before each step (0: off, as the paper).
     """
 
     views: tuple[View, ...] = ("sagittal",)
@@ -188,6 +190,7 @@ class TrainParams(Section):
     batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-4, gt=0.0)
     beta1: float = 0.5
+    grad_clip_norm: float = Field(0.0, ge=0.0)
     lr_constant_epochs: int = Field(2, ge=0)
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1)

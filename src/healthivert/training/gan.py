@@ -63,6 +63,7 @@ class InpaintingTask:
         weights: loss weights.
         stage: ``coarse`` or ``fine``.
         lr, beta1: Adam settings (both optimisers).
+        grad_clip_norm: total gradient norm each network's step is clipped to (0: no clipping).
         epochs, constant_epochs: the linear-decay schedule.
         runtime: device, precision, rank.
         validation: loader of held-out healthy samples, or ``None``.
@@ -71,8 +72,10 @@ class InpaintingTask:
 
     def __init__(self, generator: HealthiVertGenerator, discriminators: Discriminators, model_params: ModelParams,
                  weights: LossWeights, stage: Stage, lr: float, beta1: float, epochs: int, constant_epochs: int,
-                 runtime: Runtime, validation: DataLoader[Any] | None = None, channels_last: bool = True) -> None:
+                 runtime: Runtime, validation: DataLoader[Any] | None = None, channels_last: bool = True,
+                 grad_clip_norm: float = 0.0) -> None:
         self.stage = stage
+        self.grad_clip_norm = grad_clip_norm
         self.runtime = runtime
         self.model_params = model_params
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -103,6 +106,12 @@ class InpaintingTask:
         return {key: value.contiguous(memory_format=self.memory_format) if value.ndim == 4 else value
                 for key, value in batch.items()}
 
+    def _clip(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Clip ``module``'s gradients to ``grad_clip_norm`` (unscaled first when a loss scaler is active)."""
+        if self.grad_clip_norm > 0:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip_norm)
+
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Update the discriminators on real vs detached fake, then the generator; returns the loss terms."""
         batch = self._inputs(batch)
@@ -122,6 +131,7 @@ class InpaintingTask:
                 fake = self.d_net(output.ct.detach(), output.seg.detach(), batch["band"])
                 d_total, d_terms = self.d_loss(real, fake)
             self.scaler.scale(d_total).backward()
+            self._clip(self.discriminators, self.d_optimizer)
             self.scaler.step(self.d_optimizer)
             losses["loss_d"] = float(d_total.detach())
             losses.update({k: float(v.detach()) for k, v in d_terms.items()})
@@ -132,6 +142,7 @@ class InpaintingTask:
             fake_logits = self.discriminators(output.ct, output.seg, batch["band"]) if self.uses_gan else None
             g_total, g_terms = self.g_loss(output, batch, fake_logits, stage=self.stage)
         self.scaler.scale(g_total).backward()
+        self._clip(self.generator, self.g_optimizer)
         self.scaler.step(self.g_optimizer)
         self.scaler.update()
         losses["loss_g"] = float(g_total.detach())

@@ -93,7 +93,8 @@ def train_generator(manifest: pd.DataFrame, root: Path, attention_dir: Path | No
     if initial is not None:
         generator.load_state_dict(initial.state_dict())
     task = InpaintingTask(generator, Discriminators(model_params), model_params, train.losses, stage, train.lr,
-                          train.beta1, train.epochs, train.lr_constant_epochs, runtime, validation)
+                          train.beta1, train.epochs, train.lr_constant_epochs, runtime, validation,
+                          grad_clip_norm=train.grad_clip_norm)
     log.info("%s %s generator: %d target vertebrae, %d validation slices", stage, view, len(rows),
              0 if validation is None else len(validation.dataset))  # type: ignore[arg-type]
     result = fit(task, dataset, settings, runtime, checkpoint_dir, digest, sink,
