@@ -150,6 +150,23 @@ def test_height_head_starts_at_the_neighbour_prior_and_falls_back_without_one() 
     assert not torch.allclose(reference.coarse_height[:2], prior[:2], atol=0.5)
 
 
+def test_coarse_height_head_learns_a_correction_for_one_sided_priors() -> None:
+    x = inputs(4, 64, band=16)
+    prior = torch.tensor([10.0, 10.0, 10.0, float("nan")])
+    side = torch.tensor([0.0, -1.0, 1.0, 1.0])
+    gen = build(max_height_px=16)
+    assert gen.fine_height_head.side_weight is None
+    with torch.no_grad():
+        gen.coarse_height_head.side_weight.fill_(0.5)
+        out = gen(**x, stage="coarse", neighbour_height=prior, neighbour_side=side)
+    h = out.coarse_height
+    assert h[0] == pytest.approx(10.0, abs=1e-4) and h[1] < 10.0 < h[2]
+    assert h[3] == pytest.approx(8.0, abs=1e-4)  # no prior: no side term either
+    gen.coarse_height_head.side_weight.data.zero_()
+    (gen(**x, stage="coarse", neighbour_height=prior, neighbour_side=side).coarse_height * side).sum().backward()
+    assert gen.coarse_height_head.side_weight.grad.abs().item() > 0
+
+
 def test_discriminators_and_band_strip() -> None:
     params = ModelParams()
     discs = Discriminators(params)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from healthivert.data.samples import assemble, close_up, fixed_band, make_sample, neighbour_height
+from healthivert.data.samples import assemble, close_up, fixed_band, make_sample, neighbour_prior
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MAX_HEIGHT = 16
@@ -105,17 +105,21 @@ def test_assemble_at_another_height_keeps_that_many_generated_rows() -> None:
     assert not assemble(generated, context, band, height).requires_grad
 
 
-def test_neighbour_height_ignores_cut_neighbours() -> None:
+def test_neighbour_prior_ignores_cut_neighbours_and_names_its_side() -> None:
     label = np.zeros((60, 10), np.uint8)
     label[2:12], label[15:30], label[33:50] = 1, 2, 3
-    assert neighbour_height(label, 2, 40) == 13.5
-    assert neighbour_height(label, 2, 12) == 11.0  # clipped to max_height
+    assert neighbour_prior(label, 2, 40) == (13.5, 0.0)
+    assert neighbour_prior(label, 2, 12) == (11.0, 0.0)  # clipped to max_height
     label[0:12] = 1  # the vertebra above touches the crop's top: not whole
-    assert neighbour_height(label, 2, 40) == 17.0
-    label[33:60] = 3
-    assert np.isnan(neighbour_height(label, 2, 40))
+    assert neighbour_prior(label, 2, 40) == (17.0, 1.0)  # from the vertebra below only
+    label[0:12], label[33:60] = 1, 3
+    label[0] = 0
+    assert neighbour_prior(label, 2, 40) == (11.0, -1.0)
+    label[0] = 1
+    height, side = neighbour_prior(label, 2, 40)
+    assert np.isnan(height) and side == 0.0
     sample = make_sample(np.zeros((60, 10), np.uint8), label, 2, None, 0.0, 40)
-    assert sample is not None and np.isnan(sample["neighbour_height"])
+    assert sample is not None and np.isnan(sample["neighbour_height"]) and sample["neighbour_side"] == 0.0
 
 
 def test_attention_is_inverted_and_closed_up() -> None:

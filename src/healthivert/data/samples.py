@@ -133,31 +133,39 @@ def _assemble_np(generated: np.ndarray, context: np.ndarray, band: tuple[int, in
     return out[0, 0].numpy()
 
 
-def neighbour_height(label_slice: np.ndarray, target_id: int, max_height: int) -> float:
-    """Mean row extent of the vertebrae just above and below the target in a slice (the SHRM's prior).
+def neighbour_prior(label_slice: np.ndarray, target_id: int, max_height: int) -> tuple[float, float]:
+    """The SHRM's prior in a slice: the neighbours' mean row extent, and the side it comes from.
 
     A neighbour is the label met first above the target's rows (below them); one touching the image
-    border is cut by the crop and not used. NaN when neither neighbour is whole in the slice.
+    border is cut by the crop and not used.
 
     Args:
         label_slice: ``(H, W)`` VerSe ids, rows cranio-caudal.
         target_id: VerSe id of the target (present in the slice).
         max_height: heights are clipped to this.
+
+    Returns:
+        ``(height, side)``: the mean row extent of the whole neighbours (NaN when neither is whole), and
+        ``-1`` when only the vertebra above is whole, ``+1`` when only the one below is, else ``0``.
+        Heights grow down the spine, so a one-sided mean is biased by about a level's step; the side
+        lets the height head learn that correction.
     """
     target_rows = np.flatnonzero((label_slice == target_id).any(axis=1))
     x1, x2 = int(target_rows[0]), int(target_rows[-1]) + 1
     n_rows = label_slice.shape[0]
     present = np.where(label_slice == target_id, 0, label_slice).max(axis=1)
-    extents = []
-    for rows in (np.arange(x1 - 1, -1, -1), np.arange(x2, n_rows)):
+    extents: dict[int, float] = {}
+    for side, rows in ((-1, np.arange(x1 - 1, -1, -1)), (1, np.arange(x2, n_rows))):
         ids = present[rows]
         ids = ids[ids > 0]
         if ids.size == 0:
             continue
         found = np.flatnonzero((label_slice == ids[0]).any(axis=1))
         if found[0] > 0 and found[-1] < n_rows - 1:
-            extents.append(min(float(found[-1] + 1 - found[0]), float(max_height)))
-    return float(np.mean(extents)) if extents else float("nan")
+            extents[side] = min(float(found[-1] + 1 - found[0]), float(max_height))
+    if not extents:
+        return float("nan"), 0.0
+    return float(np.mean(list(extents.values()))), float(sum(extents)) if len(extents) == 1 else 0.0
 
 
 def make_sample(ct_slice_u8: np.ndarray, label_slice: np.ndarray, target_id: int,
@@ -180,8 +188,8 @@ def make_sample(ct_slice_u8: np.ndarray, label_slice: np.ndarray, target_id: int
         slice with the target centred in the band and its context shifted to meet it: what a perfect
         generator assembles), ``real_target`` and ``real_neighbours`` (target and other vertebrae
         labels, binary, in that frame), ``height`` (target height in rows, scalar; clipped to
-        ``max_height``), ``neighbour_height`` (:func:`neighbour_height`, NaN when unknown) and
-        ``band`` (int64 ``(b0, b1)``).
+        ``max_height``), ``neighbour_height`` and ``neighbour_side`` (:func:`neighbour_prior`; the
+        height NaN when unknown) and ``band`` (int64 ``(b0, b1)``).
     """
     rows = np.flatnonzero((label_slice == target_id).any(axis=1))
     if rows.size == 0:
@@ -209,6 +217,7 @@ def make_sample(ct_slice_u8: np.ndarray, label_slice: np.ndarray, target_id: int
             for name, image in (("real_ct", ct), ("real_target", target), ("real_neighbours", neighbours))}
     mask = np.zeros_like(ct)
     mask[b0:b1] = 1.0
+    prior_height, prior_side = neighbour_prior(label_slice, target_id, max_height)
     return {
         "ct": closed_ct[None],
         "mask": mask[None],
@@ -218,6 +227,7 @@ def make_sample(ct_slice_u8: np.ndarray, label_slice: np.ndarray, target_id: int
         "real_target": real["real_target"][None],
         "real_neighbours": real["real_neighbours"][None],
         "height": np.array(height, dtype=np.float32),
-        "neighbour_height": np.array(neighbour_height(label_slice, target_id, max_height), dtype=np.float32),
+        "neighbour_height": np.array(prior_height, dtype=np.float32),
+        "neighbour_side": np.array(prior_side, dtype=np.float32),
         "band": np.array(band, dtype=np.int64),
     }

@@ -61,15 +61,17 @@ class HeightHead(nn.Module):
     """SHRM head: global average pooling -> linear -> sigmoid x ``max_height`` (healthy height in rows).
 
     With a prior (the coarse head: the neighbours' mean height,
-    :func:`healthivert.data.samples.neighbour_height`; the fine head: the coarse head's height), the
+    :func:`healthivert.data.samples.neighbour_prior`; the fine head: the coarse head's height), the
     linear output is added to the prior's logit, so the head learns a correction of the prior; it
     starts at the prior (zero-initialised linear), and the fine stage starts where the coarse ended.
     Where the prior is NaN or not given, the head predicts the height from the features alone, as the
-    reference's does. The head runs in float32 (a bfloat16 sigmoid x 40 resolves heights to ~0.15
-    rows only).
+    reference's does. With ``use_side`` (the coarse head) a learnt weight times the prior's side
+    (:func:`healthivert.data.samples.neighbour_prior`: -1 only the vertebra above, +1 only the one
+    below) is added too, so a one-sided prior's level step is corrected. The head runs in float32 (a
+    bfloat16 sigmoid x 40 resolves heights to ~0.15 rows only).
     """
 
-    def __init__(self, channels: int, max_height: float, use_prior: bool = False) -> None:
+    def __init__(self, channels: int, max_height: float, use_prior: bool = False, use_side: bool = False) -> None:
         super().__init__()
         self.linear = nn.Linear(channels, 1)
         self.max_height = float(max_height)
@@ -77,14 +79,19 @@ class HeightHead(nn.Module):
         if use_prior:
             nn.init.zeros_(self.linear.weight)
             nn.init.zeros_(self.linear.bias)
+        self.side_weight = nn.Parameter(torch.zeros(1)) if use_prior and use_side else None
 
-    def forward(self, features: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, C, h, w)`` (and ``(B,)`` prior heights in rows) -> ``(B,)`` predicted height in rows."""
+    def forward(self, features: torch.Tensor, prior: torch.Tensor | None = None,
+                side: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, C, h, w)`` (and ``(B,)`` prior heights in rows and their sides) -> ``(B,)`` height in rows."""
         with torch.autocast(features.device.type, enabled=False):
             logit = self.linear(features.float().mean(dim=(2, 3))).squeeze(1)
             if self.use_prior and prior is not None:
                 share = (prior.float() / self.max_height).clamp(0.02, 0.98)
-                logit = logit + torch.where(torch.isfinite(share), torch.logit(share), torch.zeros_like(share))
+                known = torch.isfinite(share)
+                logit = logit + torch.where(known, torch.logit(share), torch.zeros_like(share))
+                if self.side_weight is not None and side is not None:
+                    logit = logit + torch.where(known, self.side_weight * side.float(), torch.zeros_like(share))
             return torch.sigmoid(logit) * self.max_height
 
 
@@ -243,7 +250,7 @@ class HealthiVertGenerator(nn.Module):
         self.fine = FineGenerator(cnum, model_params.attention_module, model_params.contextual_attention)
         if model_params.height_module:
             self.coarse_height_head = HeightHead(self.coarse.feature_channels, model_params.max_height_px,
-                                                 model_params.height_prior)
+                                                 model_params.height_prior, use_side=True)
             self.fine_height_head = HeightHead(self.fine.feature_channels, model_params.max_height_px,
                                                model_params.height_prior)
 
@@ -257,7 +264,7 @@ class HealthiVertGenerator(nn.Module):
     def forward(self, ct: torch.Tensor, mask: torch.Tensor, slice_ratio: torch.Tensor,
                 attention: torch.Tensor | None = None, stage: Stage = "fine",
                 assemble_height: torch.Tensor | None = None, neighbour_height: torch.Tensor | None = None,
-                min_height: torch.Tensor | None = None) -> GeneratorOutput:
+                min_height: torch.Tensor | None = None, neighbour_side: torch.Tensor | None = None) -> GeneratorOutput:
         """Inpaint the band of closed-up slices and re-assemble them at the healthy height.
 
         Args:
@@ -272,6 +279,7 @@ class HealthiVertGenerator(nn.Module):
                 ``height_prior`` is on.
             min_height: ``(B,)`` heights the predicted ones are raised to before assembling (the
                 method keeps at least the vertebra's own height); ``height`` stays the prediction.
+            neighbour_side: ``(B,)`` the side the prior comes from (-1 above only, +1 below only, 0 both).
 
         Returns:
             A :class:`GeneratorOutput`.
@@ -289,7 +297,7 @@ class HealthiVertGenerator(nn.Module):
         use_shrm = self.params.height_module
 
         coarse_ct, coarse_seg, coarse_deep = self.coarse(torch.cat([context, ratio, mask], 1), attention)
-        coarse_height = self.coarse_height_head(coarse_deep, neighbour_height) if use_shrm else None
+        coarse_height = self.coarse_height_head(coarse_deep, neighbour_height, neighbour_side) if use_shrm else None
         fine_ct = fine_seg = fine_height = None
         height_now = coarse_height
         if stage == "fine":

@@ -125,7 +125,8 @@ def _run_generator(generator: HealthiVertGenerator, samples: list[dict[str, np.n
                 return torch.from_numpy(np.stack([s[key] for s in chunk])).to(device)
 
             out = generator(stack("ct"), stack("mask"), stack("slice_ratio"), stack("attention"), stage=stage,
-                            neighbour_height=stack("neighbour_height"), min_height=stack("height"))
+                            neighbour_height=stack("neighbour_height"), neighbour_side=stack("neighbour_side"),
+                            min_height=stack("height"))
             cts.append(out.ct[:, 0].float().cpu().numpy())
             segs.append(out.seg[:, 0].float().cpu().numpy())
             heights.append(out.height.float().reshape(-1).cpu().numpy())

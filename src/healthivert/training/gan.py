@@ -121,7 +121,7 @@ class InpaintingTask:
             # pixel losses compare at the true height; the height heads learn from their own loss (SHRM)
             output = self.g_net(batch["ct"], batch["mask"], batch["slice_ratio"], batch["attention"],
                                 stage=self.stage, assemble_height=batch["height"],
-                                neighbour_height=batch["neighbour_height"])
+                                neighbour_height=batch["neighbour_height"], neighbour_side=batch["neighbour_side"])
         losses: dict[str, float] = {}
         if self.uses_gan:
             _set_requires_grad(self.discriminators, True)
@@ -156,7 +156,7 @@ class InpaintingTask:
         batch = self._inputs(batch)
         with self.runtime.autocast():
             output = self.generator(batch["ct"], batch["mask"], batch["slice_ratio"], batch["attention"], stage=self.stage,
-                                    neighbour_height=batch["neighbour_height"])
+                                    neighbour_height=batch["neighbour_height"], neighbour_side=batch["neighbour_side"])
         return Prediction(ct=output.ct.float(), seg=output.seg.float(), height=output.height.float())
 
     @torch.no_grad()
