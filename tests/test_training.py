@@ -21,7 +21,7 @@ from healthivert.models.classifier import FractureClassifier
 from healthivert.models.discriminator import Discriminators
 from healthivert.models.generator import HealthiVertGenerator
 from healthivert.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from healthivert.training.classifier import attention_volume
+from healthivert.training.classifier import ClassifierTask, attention_volume
 from healthivert.training.figures import ViewSink
 from healthivert.training.gan import InpaintingTask
 from healthivert.training.loop import LoopSettings, fit
@@ -214,3 +214,23 @@ def test_view_sink_forwards_a_further_views_metrics_and_figures_under_its_name()
     sink.log_figure(object(), "samples/fine_epoch_001.png")
     assert recorder.metrics == [({"val/coronal/model/dice": 0.5, "coronal/epoch": 1.0}, 7)]
     assert recorder.figures == ["samples/coronal/fine_epoch_001.png"]
+
+
+class _MeanLogit(torch.nn.Module):
+    """A stand-in classifier: the logit is the image mean plus an offset."""
+
+    def __init__(self, offset: float) -> None:
+        super().__init__()
+        self.offset = torch.nn.Parameter(torch.tensor(offset))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.mean(dim=(1, 2, 3)).unsqueeze(1) + self.offset
+
+
+def test_classifier_auc_ranks_while_the_threshold_is_off() -> None:
+    images = torch.linspace(-1, 1, 8).reshape(8, 1, 1, 1).expand(8, 1, 4, 4).contiguous()
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.float32)
+    loader = DataLoader([{"image": i, "label": y} for i, y in zip(images, labels)], batch_size=3)
+    shifted = ClassifierTask(_MeanLogit(5.0), 1e-3, 0.9, CPU).evaluate(loader)   # every logit > 0
+    assert shifted["auc"] == 1.0 and shifted["sensitivity"] == 1.0 and shifted["specificity"] == 0.0
+    assert ClassifierTask(_MeanLogit(0.0), 1e-3, 0.9, CPU).evaluate(loader)["balanced_accuracy"] == 1.0

@@ -87,6 +87,7 @@ def test_coarse_stage_writes_models_card_samples_and_attention_for_every_crop(tr
             assert np.isfinite(metrics[f"val/{who}/{name}"])
     assert metrics["val/nearest/dice"] > 0.9                     # the boxes' neighbours are copies of healthy targets
     assert 0.0 <= metrics["val/classifier/balanced_accuracy"] <= 1.0 and "train/loss_classifier" in metrics
+    assert np.isnan(metrics["val/classifier/auc"]) or 0.0 <= metrics["val/classifier/auc"] <= 1.0
 
 
 def test_fine_stage_starts_from_the_coarse_generator(trained: Path) -> None:
