@@ -43,9 +43,8 @@ def test_svm_fit_writes_models_and_predictions(tmp_path: Path) -> None:
     out = tmp_path / "svm"
     assert main(["svm-fit", "--rhlv", str(path), "--out", str(out), "--metrics", str(tmp_path / "m.json"), *NO_TRACKING]) == 0
     model = load_model(out / "svm.json")
-    assert model.features == ("rhlv_ant", "rhlv_mid", "rhlv_post", "rhlv_max")
-    assert load_model(out / "baseline_svm.json").features == (
-        "baseline_loss_ant", "baseline_loss_mid", "baseline_loss_post", "baseline_loss_max")
+    assert model.features == ("rhlv_max",)
+    assert load_model(out / "baseline_svm.json").features == ("baseline_loss_max",)
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert len(predictions) == 320
     assert predictions["predicted_baseline"].isna().sum() == 3
@@ -64,10 +63,10 @@ def test_reference_protocol_from_the_command_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damage, message", [
     (lambda t: t.assign(grade=t["grade"].where(t.index != 4, 7)), "unknown grade 7 for sub-000_12"),
-    (lambda t: t.drop(columns=["rhlv_mid"]), "lacks column(s) rhlv_mid"),
+    (lambda t: t.drop(columns=["rhlv_max"]), "lacks column(s) rhlv_max"),
     (lambda t: t.assign(split=t["split"].where(t.index != 0, "holdout")), "unknown split 'holdout'"),
     (lambda t: pd.concat([t, t.iloc[:1]]), "sub-000_8 listed twice"),
-    (lambda t: t.assign(rhlv_ant=t["rhlv_ant"].where(t.index != 2)), "sub-000_10 has no value for a feature"),
+    (lambda t: t.assign(rhlv_max=t["rhlv_max"].where(t.index != 2)), "sub-000_10 has no value for a feature"),
     (lambda t: t.assign(grade=t["grade"].where(t["split"] != "train", 0)), "the train split has 1 distinct grade(s)"),
     (lambda t: t[t["split"] != "val"], "choosing C needs graded vertebrae in the val split"),
 ])
