@@ -128,8 +128,8 @@ def sample_spine(rng: np.random.Generator, params: PhantomParams) -> SpineLayout
 
     Body heights grow from about 18 mm (T6) to 28 mm (L5), depths from 28 to 38 mm, widths from 35 to
     49 mm, discs from 5 to 9 mm; a patient scale and small per-vertebra jitter vary them. One
-    unlabelled vertebra (the sacrum's body below L5) continues the spine at each end, and the field of
-    view cuts through it.
+    unlabelled vertebra continues the spine at each end (below L5 it stands in for the sacrum's
+    body), and the field of view cuts through it.
     """
     low, high = params.vertebrae_per_case
     count = int(rng.integers(low, high + 1))

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
 from healthivert.config import ClassifierParams, ModelParams, View
