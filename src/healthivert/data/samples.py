@@ -165,7 +165,8 @@ def neighbour_prior(label_slice: np.ndarray, target_id: int, max_height: int) ->
             extents[side] = min(float(found[-1] + 1 - found[0]), float(max_height))
     if not extents:
         return float("nan"), 0.0
-    return float(np.mean(list(extents.values()))), float(sum(extents)) if len(extents) == 1 else 0.0
+    side = next(iter(extents)) if len(extents) == 1 else 0
+    return float(np.mean(list(extents.values()))), float(side)
 
 
 def make_sample(ct_slice_u8: np.ndarray, label_slice: np.ndarray, target_id: int,

@@ -315,10 +315,11 @@ class HealthiVertGenerator(nn.Module):
             final_ct, final_seg = self._finish(fine_ct, fine_seg, context, mask, band, kept_final)
         else:
             final_ct, final_seg = coarse_ct_out, coarse_seg_out
-        band_height = (band[:, 1] - band[:, 0]).to(ct.dtype)
+        # with SHRM off and no height given, the whole band is kept
+        assembled_at = kept_final if kept_final is not None else (band[:, 1] - band[:, 0]).to(ct.dtype)
         if height_now is None:
-            height_now = kept_final if kept_final is not None else band_height
-        kept = kept_rows(kept_final if kept_final is not None else band_height, band)
+            height_now = assembled_at
+        kept = kept_rows(assembled_at, band)
         return GeneratorOutput(coarse_ct=coarse_ct, coarse_seg=coarse_seg, fine_ct=fine_ct, fine_seg=fine_seg,
                                coarse_height=coarse_height, fine_height=fine_height,
                                coarse_ct_assembled=coarse_ct_out, coarse_seg_assembled=coarse_seg_out,
