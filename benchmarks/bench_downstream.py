@@ -28,7 +28,7 @@ from healthivert.grading import fit_grader
 from healthivert.io.nifti import load_volume
 from healthivert.models import HealthiVertGenerator
 from healthivert.rhlv import compute_rhlv, compute_rhlv_coronal, height_loss_map
-from healthivert.synthesis.iterative import synthesise_vertebra
+from healthivert.synthesis.iterative import prepare_for_synthesis, synthesise_vertebra
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -89,7 +89,7 @@ def bench_synthesis(sizes: list[str], precisions: list[str], repeats: int) -> No
         ct, label = spine_crop(crop_shape)
         cam = np.zeros(crop_shape, dtype=np.float32)
         torch.manual_seed(0)
-        generator = HealthiVertGenerator(params.model).eval()
+        generator = prepare_for_synthesis(HealthiVertGenerator(params.model))
         for precision in precisions:
             dtype = torch.bfloat16 if precision == "bf16" else None
             for iterative in (True, False):

@@ -57,6 +57,14 @@ def test_fusion_prefers_coherent_copies() -> None:
     assert errors[3] < errors[1]
 
 
+@pytest.mark.parametrize("fuse_k", [3, 5])
+def test_diagonal_fusion_is_a_convolution_with_an_identity_kernel(fuse_k: int) -> None:
+    matrix = torch.randn(2, 30, 30, generator=torch.Generator().manual_seed(0))
+    kernel = torch.eye(fuse_k).view(1, 1, fuse_k, fuse_k)
+    expected = torch.nn.functional.conv2d(matrix.unsqueeze(1), kernel, padding=fuse_k // 2).squeeze(1)
+    torch.testing.assert_close(ContextualAttention(fuse_k=fuse_k)._diagonal_sum(matrix), expected)
+
+
 def test_rejects_features_not_divisible_by_rate_and_even_kernels() -> None:
     with pytest.raises(ValueError):
         ContextualAttention(patch_size=4)

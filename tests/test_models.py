@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from healthivert.config import ModelParams
 from healthivert.data.samples import assemble
@@ -14,7 +15,7 @@ from healthivert.models import (Discriminators, FractureClassifier, HealthiVertG
                                 flops_per_sample, load_classifier, load_generator, param_count,
                                 save_classifier, save_generator)
 from healthivert.models.discriminator import band_strip
-from healthivert.models.generator import band_from_mask
+from healthivert.models.generator import band_from_mask, upsampled_conv
 
 REFERENCE_GENERATOR_GFLOP = 17.6   # reference generator forward, one 256 x 256 slice
 REFERENCE_PATCHGAN_GFLOP = 6.2
@@ -165,6 +166,25 @@ def test_coarse_height_head_learns_a_correction_for_one_sided_priors() -> None:
     gen.coarse_height_head.side_weight.data.zero_()
     (gen(**x, stage="coarse", neighbour_height=prior, neighbour_side=side).coarse_height * side).sum().backward()
     assert gen.coarse_height_head.side_weight.grad.abs().item() > 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsampled_conv_is_the_convolution_of_the_upsampled_concatenation(channels_last: bool) -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(9, 5, 3, padding=1)
+    low = torch.randn(2, 8, 6, 10, requires_grad=True)
+    high = torch.randn(2, 1, 12, 20)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    out = upsampled_conv(conv, low.contiguous(memory_format=layout), high.contiguous(memory_format=layout))
+    expected = conv(torch.cat([F.interpolate(low, scale_factor=2, mode="nearest"), high], 1))
+    assert out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    gradients = torch.autograd.grad(out.square().sum(), [low, conv.weight, conv.bias])
+    expected_gradients = torch.autograd.grad(expected.square().sum(), [low, conv.weight, conv.bias])
+    for got, want in zip(gradients, expected_gradients):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    plain = torch.nn.Conv2d(8, 5, 3, padding=1)  # no second part
+    torch.testing.assert_close(upsampled_conv(plain, low), plain(F.interpolate(low, scale_factor=2)), atol=1e-5, rtol=1e-5)
 
 
 def test_discriminators_and_band_strip() -> None:

@@ -14,7 +14,7 @@ from healthivert.io.nifti import load_volume, save_volume
 from healthivert.models import HealthiVertGenerator, save_generator
 from healthivert.synthesis.index import read_index
 from healthivert.synthesis import iterative
-from healthivert.synthesis.iterative import central_slices, synthesise_vertebra
+from healthivert.synthesis.iterative import central_slices, prepare_for_synthesis, synthesise_vertebra
 from test_rhlv_stage import IPL, NO_PARAMS, main, write_crops
 
 HEIGHT = 28  # rows the generators below predict (taller than the 24-row boxes)
@@ -155,10 +155,25 @@ def test_neighbours_are_skipped_when_small_or_not_iterative() -> None:
     generator = fixed_height_generator()
     calls = count_calls(generator)
     synthesise_vertebra({"sagittal": generator}, ct, label, None, 21, (20, 22),
-                        SynthesizeParams(neighbour_min_voxels=10_000), 1.0, torch.device("cpu"))
+                        SynthesizeParams(neighbour_min_voxels=10_000, batch_size=64), 1.0, torch.device("cpu"))
     synthesise_vertebra({"sagittal": generator}, ct, label, None, 21, (20, 22),
-                        SynthesizeParams(iterative=False), 1.0, torch.device("cpu"))
+                        SynthesizeParams(iterative=False, batch_size=64), 1.0, torch.device("cpu"))
     assert len(calls) == 2
+
+
+def test_layout_and_batch_size_do_not_change_the_synthesis() -> None:
+    ct, label = crop(target_rows=16)
+    results = []
+    for prepare, batch_size in ((False, 64), (True, 64), (True, 2)):
+        generator = fixed_height_generator()
+        generator = prepare_for_synthesis(generator) if prepare else generator
+        params = SynthesizeParams(neighbour_min_voxels=10, batch_size=batch_size)
+        results.append(synthesise_vertebra({"sagittal": generator}, ct, label, None, 21, (20, 22), params, 1.0,
+                                           torch.device("cpu")))
+    for result in results[1:]:
+        assert np.abs(result.ct.astype(int) - results[0].ct.astype(int)).max() <= 1
+        assert np.array_equal(result.label, results[0].label)
+        assert result.predicted_height_mm == pytest.approx(results[0].predicted_height_mm, abs=1e-4)
 
 
 def test_two_views_are_fused() -> None:

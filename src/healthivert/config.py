@@ -233,7 +233,7 @@ class SynthesizeParams(Section):
     slice_fraction: float = Field(0.8, gt=0.0, le=1.0)
     iterative: bool = True
     neighbour_min_voxels: int = Field(200, ge=0)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(4, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 

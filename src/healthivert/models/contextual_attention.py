@@ -38,20 +38,28 @@ class ContextualAttention(nn.Module):
         self.rate = rate
         self.fuse_k = fuse_k
         self.softmax_scale = softmax_scale
-        self.register_buffer("fuse_kernel", torch.eye(fuse_k).view(1, 1, fuse_k, fuse_k), persistent=False)
+
+    def _diagonal_sum(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``(B, N, N)`` -> ``out[i, j] = sum_d matrix[i + d, j + d]`` for ``|d| <= fuse_k // 2`` (zero beyond the edges).
+
+        The same as a convolution with an identity ``fuse_k x fuse_k`` kernel, as shifted adds: a
+        single-channel convolution of the ``N x N`` matrix ran at a few GFLOP/s on a CPU.
+        """
+        total = matrix.clone()
+        for shift in range(1, self.fuse_k // 2 + 1):
+            total[:, shift:, shift:] += matrix[:, :-shift, :-shift]
+            total[:, :-shift, :-shift] += matrix[:, shift:, shift:]
+        return total
 
     def _fuse(self, scores: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Propagate ``(B, L, h, w)`` scores (L = h*w sources) along both diagonals of the score matrix."""
         batch = scores.shape[0]
-        pad = self.fuse_k // 2
-        # rows: sources, columns: target positions, both in row-major order; the diagonal kernel
+        # rows: sources, columns: target positions, both in row-major order; the diagonal sum
         # shifts both together, so neighbouring targets reinforce neighbouring sources
-        matrix = scores.reshape(batch, height * width, height * width)
-        matrix = F.conv2d(matrix.unsqueeze(1), self.fuse_kernel, padding=pad).squeeze(1)
+        matrix = self._diagonal_sum(scores.reshape(batch, height * width, height * width))
         # the same in column-major order, so vertical neighbours are fused too
         matrix = matrix.reshape(batch, height, width, height, width).permute(0, 2, 1, 4, 3)
-        matrix = matrix.reshape(batch, height * width, height * width)
-        matrix = F.conv2d(matrix.unsqueeze(1), self.fuse_kernel, padding=pad).squeeze(1)
+        matrix = self._diagonal_sum(matrix.reshape(batch, height * width, height * width))
         matrix = matrix.reshape(batch, width, height, width, height).permute(0, 2, 1, 4, 3)
         # back to (B, sources, h, w)
         return matrix.reshape(batch, height * width, height, width)

@@ -27,7 +27,7 @@ from healthivert.models import generator_file, load_view_generator
 from healthivert.models.generator import HealthiVertGenerator, Stage
 from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
 from healthivert.synthesis.index import write_index
-from healthivert.synthesis.iterative import synthesise_vertebra
+from healthivert.synthesis.iterative import prepare_for_synthesis, synthesise_vertebra
 from healthivert.tracking.runs import stage_run
 from healthivert.training.runtime import choose_device, choose_precision
 
@@ -55,7 +55,7 @@ def execute(args: argparse.Namespace) -> None:
 
 def load_view_generators(model_dir: Path, params: Params, device: torch.device
                          ) -> tuple[dict[str, HealthiVertGenerator], Stage]:
-    """The generator of each view in ``params.synthesize.views`` and the training stage they come from.
+    """The generator of each view in ``params.synthesize.views``, ready for synthesis, and the training stage they come from.
 
     Raises:
         CheckpointError: a file is missing, of another architecture, trained on another view, or the
@@ -63,7 +63,8 @@ def load_view_generators(model_dir: Path, params: Params, device: torch.device
     """
     generators, stages = {}, set()
     for view in params.synthesize.views:
-        generators[view], extra = load_view_generator(model_dir, view, device, expected=params.model)
+        generator, extra = load_view_generator(model_dir, view, device, expected=params.model)
+        generators[view] = prepare_for_synthesis(generator)
         stages.add(extra.get("stage", "fine"))
     if len(stages) > 1:
         raise CheckpointError(model_dir, f"the views' generators come from different stages ({', '.join(sorted(stages))})")

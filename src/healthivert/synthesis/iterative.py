@@ -109,6 +109,15 @@ def _stretched(label_slice: np.ndarray, vertebra: int, rows: tuple[int, int], ge
     return out
 
 
+def prepare_for_synthesis(generator: HealthiVertGenerator) -> HealthiVertGenerator:
+    """``generator`` in eval mode with channels-last weights, the layout synthesis feeds it images in.
+
+    oneDNN runs the generator's convolutions in NHWC faster than in NCHW (profiled: 1.6x for the
+    full-size generator on a CPU, weights and inputs alike; either one alone gains little).
+    """
+    return generator.eval().to(memory_format=torch.channels_last)
+
+
 def _run_generator(generator: HealthiVertGenerator, samples: list[dict[str, np.ndarray]], batch_size: int,
                    device: torch.device, autocast_dtype: torch.dtype | None, stage: Stage
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -122,7 +131,8 @@ def _run_generator(generator: HealthiVertGenerator, samples: list[dict[str, np.n
             chunk = samples[start:start + batch_size]
 
             def stack(key: str) -> torch.Tensor:
-                return torch.from_numpy(np.stack([s[key] for s in chunk])).to(device)
+                batch = torch.from_numpy(np.stack([s[key] for s in chunk])).to(device)
+                return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
 
             out = generator(stack("ct"), stack("mask"), stack("slice_ratio"), stack("attention"), stage=stage,
                             neighbour_height=stack("neighbour_height"), neighbour_side=stack("neighbour_side"),
@@ -227,9 +237,9 @@ def synthesise_vertebra(generators: Mapping[str, HealthiVertGenerator], ct: np.n
         autocast_dtype: e.g. ``torch.bfloat16`` for mixed precision, ``None`` for float32.
         stage: ``fine`` (the whole generator) or ``coarse`` (a generator of the coarse stage only).
     """
-    total_ct = np.zeros(ct.shape, dtype=np.float64)
-    total_probability = np.zeros(ct.shape, dtype=np.float64)
-    weight = np.zeros(ct.shape, dtype=np.float64)
+    total_ct = np.zeros(ct.shape, dtype=np.float32)
+    total_probability = np.zeros(ct.shape, dtype=np.float32)
+    weight = np.zeros(ct.shape, dtype=np.float32)
     heights: list[float] = []
     slices = 0
     for view in params.views:
@@ -239,12 +249,13 @@ def synthesise_vertebra(generators: Mapping[str, HealthiVertGenerator], ct: np.n
         result = _synthesise_view(generator, np.transpose(ct, axes), np.transpose(label, axes),
                                   None if attention is None else np.transpose(attention, axes),
                                   target, neighbours, params, max_height, device, autocast_dtype, stage)
-        covered = np.broadcast_to(result.covered[None, None, :], result.ct.shape)
-        total_ct += np.transpose(np.where(covered, result.ct, 0.0), axes)
-        total_probability += np.transpose(np.where(covered, result.probability, 0.0), axes)
-        weight += np.transpose(covered, axes)
+        done = np.flatnonzero(result.covered)
+        # the transposes are views: the sums land in the (CC, AP, LR) totals, on the synthesised slices only
+        np.transpose(total_ct, axes)[:, :, done] += result.ct[:, :, done]
+        np.transpose(total_probability, axes)[:, :, done] += result.probability[:, :, done]
+        np.transpose(weight, axes)[:, :, done] += 1.0
         heights.extend(result.heights)
-        slices += int(result.covered.sum())
+        slices += done.size
     synthesised = weight > 0
     fused_ct = np.where(synthesised, total_ct / np.maximum(weight, 1), ct)
     fused_probability = np.where(synthesised, total_probability / np.maximum(weight, 1), label == target)
