@@ -110,10 +110,10 @@ def _stretched(label_slice: np.ndarray, vertebra: int, rows: tuple[int, int], ge
 
 
 def prepare_for_synthesis(generator: HealthiVertGenerator) -> HealthiVertGenerator:
-    """``generator`` in eval mode with channels-last weights, the layout synthesis feeds it images in.
+    """``generator`` in eval mode with channels-last weights.
 
-    oneDNN runs the generator's convolutions in NHWC faster than in NCHW (profiled: 1.6x for the
-    full-size generator on a CPU, weights and inputs alike; either one alone gains little).
+    With channels-last weights oneDNN runs every convolution in NHWC, whatever the inputs' layout:
+    on a CPU the full-size generator then takes 1.21 instead of 1.61 s per 16 slices (bf16).
     """
     return generator.eval().to(memory_format=torch.channels_last)
 
@@ -131,8 +131,7 @@ def _run_generator(generator: HealthiVertGenerator, samples: list[dict[str, np.n
             chunk = samples[start:start + batch_size]
 
             def stack(key: str) -> torch.Tensor:
-                batch = torch.from_numpy(np.stack([s[key] for s in chunk])).to(device)
-                return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
+                return torch.from_numpy(np.stack([s[key] for s in chunk])).to(device)
 
             out = generator(stack("ct"), stack("mask"), stack("slice_ratio"), stack("attention"), stage=stage,
                             neighbour_height=stack("neighbour_height"), neighbour_side=stack("neighbour_side"),
