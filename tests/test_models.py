@@ -184,7 +184,8 @@ def test_upsampled_conv_is_the_convolution_of_the_upsampled_concatenation(channe
     for got, want in zip(gradients, expected_gradients):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     plain = torch.nn.Conv2d(8, 5, 3, padding=1)  # no second part
-    torch.testing.assert_close(upsampled_conv(plain, low), plain(F.interpolate(low, scale_factor=2)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(upsampled_conv(plain, low), plain(F.interpolate(low, scale_factor=2)),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_discriminators_and_band_strip() -> None:

@@ -40,9 +40,9 @@ class ContextualAttention(nn.Module):
         self.softmax_scale = softmax_scale
 
     def _diagonal_sum(self, matrix: torch.Tensor) -> torch.Tensor:
-        """``(B, N, N)`` -> ``out[i, j] = sum_d matrix[i + d, j + d]`` for ``|d| <= fuse_k // 2`` (zero beyond the edges).
+        """``(B, N, N)`` -> ``out[i, j] = sum_d matrix[i + d, j + d]`` for ``|d| <= fuse_k // 2``.
 
-        The same as a convolution with an identity ``fuse_k x fuse_k`` kernel, as shifted adds: a
+        Zero beyond the edges. The same as a convolution with an identity ``fuse_k x fuse_k`` kernel, as shifted adds: a
         single-channel convolution of the ``N x N`` matrix ran at a few GFLOP/s on a CPU.
         """
         total = matrix.clone()

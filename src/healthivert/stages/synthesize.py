@@ -55,7 +55,7 @@ def execute(args: argparse.Namespace) -> None:
 
 def load_view_generators(model_dir: Path, params: Params, device: torch.device
                          ) -> tuple[dict[str, HealthiVertGenerator], Stage]:
-    """The generator of each view in ``params.synthesize.views``, ready for synthesis, and the training stage they come from.
+    """The generator of each view in ``params.synthesize.views`` (ready for synthesis) and their training stage.
 
     Raises:
         CheckpointError: a file is missing, of another architecture, trained on another view, or the
