@@ -19,11 +19,14 @@ import json
 import resource
 import time
 
+import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
 from healthivert.config import LossWeights, ModelParams
+from healthivert.data.samples import make_sample
 from healthivert.models.complexity import flops_per_sample
 from healthivert.models.discriminator import Discriminators
 from healthivert.models.generator import HealthiVertGenerator
@@ -33,23 +36,33 @@ from healthivert.training.runtime import Runtime
 SHAPES = {"cpu": (128, 8), "full": (256, 4)}
 
 
-def random_batch(size: int, batch: int, band: int) -> dict[str, torch.Tensor]:
-    """A batch shaped like :class:`healthivert.data.dataset.SliceDataset`'s, ``(B, 1, size, size)`` images."""
-    start = (size - band) // 2
-    mask = torch.zeros(batch, 1, size, size)
-    mask[:, :, start:start + band] = 1.0
-    image = torch.rand(batch, 1, size, size) * 2 - 1
-    return {"ct": image * (1 - mask), "mask": mask, "slice_ratio": torch.rand(batch),
-            "attention": torch.ones(batch, 1, size, size), "real_ct": image,
-            "real_target": (torch.rand(batch, 1, size, size) > 0.5).float(),
-            "real_neighbours": (torch.rand(batch, 1, size, size) > 0.5).float(),
-            "height": torch.full((batch,), band * 0.7), "neighbour_height": torch.full((batch,), band * 0.65),
-            "band": torch.tensor([[start, start + band]] * batch)}
+def synthetic_batch(size: int, batch: int, max_height: int) -> dict[str, torch.Tensor]:
+    """A training batch built by the dataset's own :func:`~healthivert.data.samples.make_sample`.
+
+    Each slice holds three box vertebrae (the middle one, the target, wedge-shaped and lower than its
+    neighbours) on random soft tissue, so the batch carries every key the training step reads.
+    """
+    generator = np.random.default_rng(0)
+    height = max_height * 2 // 3
+    samples = []
+    for _ in range(batch):
+        ct = generator.integers(40, 90, (size, size), dtype=np.uint8)
+        labels = np.zeros((size, size), np.int16)
+        top = size // 2 - height // 2 - height - 4
+        for vertebra, row in zip((19, 20, 21), (top, top + height + 4, top + 2 * height + 8)):
+            rows = height if vertebra != 20 else height - height // 4
+            labels[row:row + rows, size // 4:3 * size // 4] = vertebra
+        ct[labels > 0] = 180
+        sample = make_sample(ct, labels, 20, None, float(generator.uniform(-0.8, 0.8)), max_height)
+        samples.append({key: torch.from_numpy(value) for key, value in sample.items()})
+    return default_collate(samples)
 
 
-def measure(config: str, precision: str, channels_last: bool, repeats: int, do_profile: bool) -> dict[str, float | str]:
-    """Time whole training steps of one configuration and variant."""
-    size, batch_size = SHAPES[config]
+def measure(config: str, precision: str, channels_last: bool, repeats: int, do_profile: bool,
+            batch_size: int | None = None) -> dict[str, float | str]:
+    """Time whole training steps of one configuration and variant (``batch_size`` overrides the configuration's)."""
+    size, default_batch = SHAPES[config]
+    batch_size = batch_size or default_batch
     model_params = ModelParams(size=config)
     torch.manual_seed(0)
     runtime = Runtime(torch.device("cpu"), autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
@@ -58,7 +71,7 @@ def measure(config: str, precision: str, channels_last: bool, repeats: int, do_p
                      "discriminators": flops_per_sample(discriminators, (size, size)) / 1e9}
     task = InpaintingTask(generator, discriminators, model_params, LossWeights(), "fine", 2e-4, 0.5, 1, 1,
                           runtime, channels_last=channels_last)
-    batch = random_batch(size, batch_size, model_params.max_height_px)
+    batch = synthetic_batch(size, batch_size, model_params.max_height_px)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with FlopCounterMode(display=False) as counter:  # also the warm-up: oneDNN kernel selection, allocator
         task.train_step(batch)
@@ -91,13 +104,15 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, help="batch size (default: the configuration's)")
     parser.add_argument("--profile", action="store_true", help="print the torch.profiler table of each variant")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for config in args.configs:
         for precision in args.precisions:
             for layout in args.layouts:
-                result = measure(config, precision, layout == "channels_last", args.repeats, args.profile)
+                result = measure(config, precision, layout == "channels_last", args.repeats, args.profile,
+                                 args.batch)
                 print(json.dumps(result), flush=True)
 
 

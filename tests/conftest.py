@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,10 @@ except ImportError:  # the data-layer tests run without torch
     torch = None
 if torch is not None:
     torch.set_num_threads(1)
+
+# The command-line tools the tests start (dvc, healthivert, hadolint, mlflow) are those installed beside the
+# interpreter running the tests, whether or not its virtual environment is activated.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

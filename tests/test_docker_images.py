@@ -70,7 +70,14 @@ def test_cpu_image_pins_the_projects_torch_from_the_cpu_index() -> None:
     assert "TORCH_INDEX=https://download.pytorch.org/whl/cpu" in args
     runs = [arguments for name, arguments in steps if name == "RUN"]
     torch_first = runs.index('pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"')
-    assert torch_first < next(i for i, r in enumerate(runs) if r.startswith("pip install ."))
+    assert torch_first < next(i for i, r in enumerate(runs) if r.startswith("pip install -c requirements.lock ."))
+
+
+@pytest.mark.parametrize("kind", list(DOCKERFILES))
+def test_image_installs_the_package_at_the_locked_versions(kind: str) -> None:
+    runs = [arguments for name, arguments in _instructions(DOCKERFILES[kind]) if name == "RUN"]
+    installs = [r for r in runs if r.startswith("pip install") and "--index-url" not in r]
+    assert installs and all(r.startswith("pip install -c requirements.lock .") for r in installs), installs
 
 
 def test_entry_point_answers_help(capsys: pytest.CaptureFixture[str]) -> None:

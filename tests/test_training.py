@@ -96,7 +96,9 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(data, tmp_path: Pat
     assert result.resumed_from == 2 * ((kill_at - 1) // 2) and result.step == 6
     got = _state(task)
     assert got.keys() == expected.keys()
-    different = [key for key in expected if not torch.equal(expected[key], got[key])]
+    # the same arithmetic in the same order; a tolerance keeps the verdict independent of the CPU's kernels
+    different = [key for key in expected if not torch.allclose(expected[key].float(), got[key].float(),
+                                                                 rtol=1e-5, atol=1e-7)]
     assert not different, different[:5]
 
 
