@@ -2,7 +2,7 @@
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``execute(args)``;
 this file only dispatches and turns :class:`~healthivert.errors.HealthiVertError` into one line on
-stderr and a non-zero exit code.
+stderr and exit code 2, and an interrupt (SIGINT, SIGTERM) into one line and the shell's code (130, 143).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from healthivert.errors import HealthiVertError
+from healthivert.signals import Interrupted, interrupts_raise
 
 #: subcommand -> (module, one-line help). Stages first, in DAG order, then tools.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand; returns the process exit code (0 success, 2 on a reported error)."""
+    """Run one subcommand; returns the process exit code (0 success, 2 on a reported error, 128 + signal)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -53,10 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        args._module.execute(args)
+        with interrupts_raise():
+            args._module.execute(args)
     except HealthiVertError as exc:
         print(f"healthivert {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"healthivert {args.command}: stopped by {exc.signal_name}; outputs being written were discarded",
+              file=sys.stderr)
+        return int(exc.code)
     return 0
 
 

@@ -89,7 +89,12 @@ class SplitParams(Section):
 
 
 class PreprocessParams(Section):
-    """Straightening, de-pedicling and per-vertebra crops."""
+    """Straightening, de-pedicling and per-vertebra crops.
+
+    Attributes:
+        centroids_from: ``file``: the dataset's centroid files where present (one that lists a label
+            its mask lacks is an error); ``mask``: centres of mass of the labels, centroid files unread.
+    """
 
     spacing_mm: float = Field(1.0, gt=0.0)
     crop_shape: tuple[int, int, int] = (128, 128, 48)
@@ -98,6 +103,7 @@ class PreprocessParams(Section):
     depedicle: bool = True
     curve_smoothing_mm: float = Field(0.5, ge=0.0)
     curve_through_bodies: bool = False
+    centroids_from: Literal["file", "mask"] = "file"
     split: SplitParams = SplitParams()
 
 
@@ -259,10 +265,25 @@ class SvmFitParams(Section):
     """
 
     protocol: Literal["holdout", "reference_cv"] = "holdout"
-    features: tuple[str, ...] = ("rhlv_max",)
-    c_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
+    features: tuple[str, ...] = Field(("rhlv_max",), min_length=1)
+    c_grid: tuple[float, ...] = Field((0.1, 1.0, 10.0, 100.0), min_length=1)
     folds: int = Field(5, ge=2)
     seed: int = 0
+
+    @field_validator("features")
+    @classmethod
+    def _distinct_features(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed more than once")
+        return value
+
+    @field_validator("c_grid")
+    @classmethod
+    def _positive_costs(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not c > 0 for c in value):  # also refuses NaN
+            raise ValueError(f"every SVM cost C must be positive, got {list(value)}")
+        return value
 
 
 class EvaluateParams(Section):
@@ -307,17 +328,30 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
+def _override_source(assignment: str) -> str:
+    """How an override is named in an error: the flag that gave it."""
+    return f"--set {assignment}"
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What the YAML parser found wrong, in a few words."""
+    return str(getattr(error, "problem", None) or str(error).splitlines()[0])
+
+
 def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
-        raise ConfigError(assignment, "override must look like section.key=value")
+        raise ConfigError(_override_source(assignment), "override must look like section.key=value")
     dotted, raw = assignment.split("=", 1)
     keys = dotted.strip().split(".")
     node = tree
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(dotted, f"'{key}' is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+            raise ConfigError(_override_source(assignment), f"'{key}' is not a section")
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(_override_source(assignment), "value is not valid YAML", _yaml_problem(exc)) from exc
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -330,14 +364,62 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _explain(error: ValidationError, source: str) -> ConfigError:
+def _unknown_key_hint(location: str) -> str:
+    """Suggest the closest valid key of the same section, else list that section's keys."""
+    section, _, name = location.rpartition(".")
+    prefix = f"{section}." if section else ""
+    siblings = [key.removeprefix(prefix) for key in _known_keys(Params)
+                if key.startswith(prefix) and "." not in key.removeprefix(prefix)]
+    close = [key for key in siblings if name.startswith(key) or key.startswith(name)]
+    close = close or difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{prefix}{close[0]}'?"
+    if siblings:
+        return f"valid keys{' of ' + section if section else ''}: {', '.join(siblings)}"
+    return "see params.yaml for the valid keys"
+
+
+def _error_source(location: str, files: str, overrides: list[str]) -> str:
+    """The files, or the last ``--set`` whose key is, contains or lies in ``location``."""
+    for assignment in reversed(overrides):
+        dotted = assignment.split("=", 1)[0].strip()
+        if location == dotted or location.startswith(dotted + ".") or dotted.startswith(location + "."):
+            return _override_source(assignment)
+    return files
+
+
+def _explain(error: ValidationError, files: str, overrides: list[str]) -> ConfigError:
     first = error.errors()[0]
     location = ".".join(str(part) for part in first["loc"])
+    source = _error_source(location, files, overrides)
     if first["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(location, _known_keys(Params), n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?" if close else "see params.yaml for the valid keys"
-        return ConfigError(source, f"unknown key '{location}'", hint)
+        return ConfigError(source, f"unknown key '{location}'", _unknown_key_hint(location))
     return ConfigError(source, f"invalid value for '{location}': {first['msg']}")
+
+
+def _read_params_file(path: Path) -> dict[str, Any]:
+    """One parameter file as a mapping of sections.
+
+    Raises:
+        ConfigError: missing, a folder, unreadable, not text, not YAML, or not a mapping.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, "parameter file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "is a folder, not a parameter file", "pass a YAML file to --params") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "not a text file", "parameter files are YAML") from None
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read the parameter file: {exc.strerror or exc}") from exc
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, "not valid YAML", _yaml_problem(exc)) from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(path, "expected a mapping of sections at the top level")
+    return loaded
 
 
 def load_params(paths: list[str | os.PathLike[str]] | str | os.PathLike[str] = "params.yaml",
@@ -346,31 +428,25 @@ def load_params(paths: list[str | os.PathLike[str]] | str | os.PathLike[str] = "
 
     Args:
         paths: one YAML file or several (e.g. ``params.yaml`` then ``configs/full.yaml``).
-        overrides: ``section.key=value`` assignments, values parsed as YAML.
+        overrides: ``section.key=value`` assignments (``--set`` on the command line), values parsed as YAML.
 
     Raises:
-        ConfigError: a file is missing or not YAML, or a key is unknown or ill-typed.
+        ConfigError: a file is missing, unreadable or not YAML, or a key is unknown or ill-typed; it
+            names the override (``--set ...``) when one caused it, else the files.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    overrides = list(overrides or [])
     tree: dict[str, Any] = {}
     for path in map(Path, paths):
-        if not path.exists():
-            raise ConfigError(path, "parameter file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(path, "not valid YAML", str(exc).splitlines()[0]) from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(path, "expected a mapping of sections at the top level")
-        tree = _deep_merge(tree, loaded)
-    for assignment in overrides or []:
+        tree = _deep_merge(tree, _read_params_file(path))
+    for assignment in overrides:
         _apply_override(tree, assignment)
-    source = ", ".join(str(p) for p in paths) or "<defaults>"
+    files = ", ".join(str(p) for p in paths) or "<defaults>"
     try:
         return Params.model_validate(tree)
     except ValidationError as exc:
-        raise _explain(exc, source) from None
+        raise _explain(exc, files, overrides) from None
 
 
 def dump_params(params: Params) -> str:

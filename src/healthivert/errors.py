@@ -41,3 +41,7 @@ class ConfigError(HealthiVertError):
 
 class CheckpointError(HealthiVertError):
     """A checkpoint or saved model does not match what is asked of it."""
+
+
+class OutputError(HealthiVertError):
+    """An output location cannot be written: a file where a folder is expected, no permission, a full disk."""

@@ -116,11 +116,14 @@ def _canonical_centroids(stored: Volume, canonical: Volume, centroid_path: Path 
     if centroid_path is None:
         return from_mask
     read = read_centroids(centroid_path, stored)
+    absent = sorted(set(read) - present)
+    if absent:
+        raise InputDataError(centroid_path, f"centroids of label(s) {', '.join(map(str, absent))} that "
+                             f"{stored.path or 'the mask'} does not contain",
+                             "is it this mask's centroid file? else compute the centroids from the mask: "
+                             "heights without --ctd, preprocess with preprocess.centroids_from=mask")
     centroids: dict[int, np.ndarray] = {}
     for label, voxel in read.items():
-        if label not in present:
-            logger.warning("%s: centroid of label %d, which is not in the mask; ignored", centroid_path, label)
-            continue
         point = world_to_voxel(canonical.affine, voxel_to_world(stored.affine, voxel))[0]
         if np.any(point < -1.0) or np.any(point > np.asarray(canonical.shape)):
             raise InputDataError(centroid_path, f"centroid of label {label} lies outside the image",
@@ -142,7 +145,7 @@ def load_case(files: CaseFiles, spacing_mm: float | None = 1.0) -> SpineCase:
 
     Raises:
         InputDataError: a file is missing or unreadable, CT and mask do not share a grid, the label map
-            is empty, or a centroid lies outside the image.
+            is empty, or the centroid file lists a label the mask lacks or a point outside the image.
     """
     stored_mask = _prepare_mask(load_volume(files.mask, label=True), files.label_scheme)
     labels = to_canonical(stored_mask, spacing_mm, label=True)

@@ -88,12 +88,15 @@ def read_saved_model(path: str | os.PathLike[str], kind: str) -> SavedModel:
         CheckpointError: the file is missing, unreadable, of another format or of another kind.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, f"saved {kind} not found", "run the training stage that writes it")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        found = path.is_file()
+        payload = torch.load(path, map_location="cpu", weights_only=True) if found else None
+    except OSError as exc:  # an unreadable file, or a folder on its path that the user may not enter
+        raise CheckpointError(path, f"cannot read the saved {kind}: {exc.strerror or exc}") from exc
     except Exception as exc:  # torch raises several types for corrupt or foreign files
         raise CheckpointError(path, f"cannot read the saved {kind}", type(exc).__name__) from exc
+    if not found:
+        raise CheckpointError(path, f"saved {kind} not found", "run the training stage that writes it")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(path, f"not a saved HealthiVert model of format {FORMAT_VERSION}")
     if payload.get("kind") != kind:

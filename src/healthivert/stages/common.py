@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from healthivert.config import Params, load_params
-from healthivert.io.atomic import write_text_atomic
+from healthivert.io.atomic import check_target, write_text_atomic
 
 
 def add_params_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +23,24 @@ def add_params_arguments(parser: argparse.ArgumentParser) -> None:
 def params_from_args(args: argparse.Namespace) -> Params:
     """Load and validate the parameters named on the command line."""
     return load_params(args.params or [Path("params.yaml")], args.overrides)
+
+
+def check_outputs(folders: Iterable[Path | None] = (), files: Iterable[Path | None] = ()) -> None:
+    """Refuse output paths that cannot be written before the stage reads or computes anything.
+
+    Args:
+        folders: output folders of the stage (``None`` entries, flags not given, are skipped).
+        files: output files of the stage (``--metrics``, a table).
+
+    Raises:
+        OutputError: a path is of the wrong kind, lies under a file, or in a folder not writable.
+    """
+    for path in folders:
+        if path is not None:
+            check_target(path, folder=True)
+    for path in files:
+        if path is not None:
+            check_target(path, folder=False)
 
 
 def add_metrics_argument(parser: argparse.ArgumentParser) -> None:

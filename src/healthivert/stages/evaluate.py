@@ -29,7 +29,7 @@ from healthivert.grading import grade_confusion, grade_metrics, load_model
 from healthivert.io.atomic import atomic_dir, atomic_path, write_text_atomic
 from healthivert.io.nifti import check_same_grid, load_volume
 from healthivert.rhlv import height_loss_map
-from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
+from healthivert.stages.common import add_metrics_argument, add_params_arguments, check_outputs, params_from_args, write_metrics
 from healthivert.synthesis.index import read_index
 from healthivert.tracking.runs import stage_run
 
@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def execute(args: argparse.Namespace) -> None:
     """Run the stage from parsed arguments."""
     params = params_from_args(args)
+    check_outputs(folders=[args.out], files=[args.metrics])
     with stage_run("evaluate", params, ("evaluate",)) as tracker:
         metrics = run(params, args.data, args.synth, args.rhlv, args.svm, args.out)
         tracker.log_metrics(metrics)

@@ -22,6 +22,7 @@ from healthivert.geometry.spine import prepare_spine, spine_heights
 from healthivert.io.atomic import atomic_path
 from healthivert.io.case import SpineCase, load_mask_case
 from healthivert.io.labels import vertebra_name
+from healthivert.stages.common import check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -105,5 +106,6 @@ def execute(args: argparse.Namespace) -> None:
         raise ConfigError(f"--{str(first['loc'][0]).replace('_', '-')}", first["msg"]) from None
     if args.spacing_mm <= 0:
         raise ConfigError("--spacing-mm", "must be positive")
+    check_outputs(files=[args.out])
     run(args.mask, args.out, args.ctd, args.spacing_mm, not args.keep_arch, columns.central_fraction,
         columns.column_threshold)

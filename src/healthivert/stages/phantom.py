@@ -11,7 +11,7 @@ from healthivert.io.case import load_case
 from healthivert.io.layouts import discover_cases
 from healthivert.phantom.generator import write_dataset
 from healthivert.phantom.preview import preview_figure
-from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
+from healthivert.stages.common import add_metrics_argument, add_params_arguments, check_outputs, params_from_args, write_metrics
 from healthivert.tracking.runs import stage_run
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def execute(args: argparse.Namespace) -> None:
         overrides.append(f"phantom.seed={args.seed}")
     args.overrides = overrides
     params = params_from_args(args)
+    check_outputs(folders=[args.out], files=[args.metrics])
     with stage_run("phantom", params, ("phantom",)) as tracker:
         metrics = run(params.phantom, args.out)
         tracker.log_metrics(metrics)

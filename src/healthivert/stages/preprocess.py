@@ -37,7 +37,7 @@ from healthivert.io.grades import read_grades
 from healthivert.io.labels import vertebra_name
 from healthivert.io.layouts import CaseFiles, discover_cases
 from healthivert.io.nifti import save_volume
-from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
+from healthivert.stages.common import add_metrics_argument, add_params_arguments, check_outputs, params_from_args, write_metrics
 from healthivert.tracking.runs import stage_run
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,8 @@ def preprocess_case(files: CaseFiles, params: PreprocessParams, out: Path) -> _C
     Raises:
         InputDataError: the case has no CT, or too few vertebrae to straighten.
     """
+    if params.centroids_from == "mask":
+        files = dataclasses.replace(files, centroids=None)
     case = load_case(files, spacing_mm=None)  # native grid: straightening is the only resampling
     if case.ct is None:
         raise InputDataError(files.mask, f"case '{files.case_id}' has no CT",
@@ -262,6 +264,7 @@ def overview_figure(out: Path, count: int = 6) -> Figure:
 def execute(args: argparse.Namespace) -> None:
     """Run the stage from parsed arguments."""
     params = params_from_args(args)
+    check_outputs(folders=[args.out], files=[args.metrics])
     with stage_run("preprocess", params, ("preprocess",)) as tracker:
         metrics = run(params, args.input, args.out, args.grades)
         tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})

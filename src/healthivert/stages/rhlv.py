@@ -30,7 +30,7 @@ from healthivert.io.atomic import atomic_dir, atomic_path
 from healthivert.io.nifti import Volume, check_same_grid, load_volume, save_volume
 from healthivert.rhlv import height_loss_map, rhlv_with_params
 from healthivert.rhlv.figures import height_loss_figure
-from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
+from healthivert.stages.common import add_metrics_argument, add_params_arguments, check_outputs, params_from_args, write_metrics
 from healthivert.synthesis.index import read_index
 from healthivert.tracking.runs import stage_run
 
@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def execute(args: argparse.Namespace) -> None:
     """Run the stage from parsed arguments."""
     params = params_from_args(args)
+    check_outputs(folders=[args.out], files=[args.metrics])
     with stage_run("rhlv", params, ("rhlv",)) as tracker:
         metrics = run(params, args.data, None if args.healthy_truth else args.synth, args.out)
         tracker.log_metrics(metrics)

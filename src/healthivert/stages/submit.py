@@ -23,7 +23,7 @@ from typing import Any
 from healthivert.config import Params
 from healthivert.errors import ConfigError, InputDataError
 from healthivert.io.atomic import atomic_path
-from healthivert.stages.common import add_params_arguments, params_from_args
+from healthivert.stages.common import add_params_arguments, check_outputs, params_from_args
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def execute(args: argparse.Namespace) -> None:
     if args.gpus < 0:
         raise ConfigError("--gpus", f"must be 0 or more, got {args.gpus}")
     params = params_from_args(args)  # validated before anything is compiled or sent
+    check_outputs(files=[args.compile_only])
     module = load_pipeline_module(args.pipeline)
     build: Callable = module.build_pipeline
     pipeline = build(image=f"{args.image}:{args.tag}", gpus=args.gpus, params_json=params_json(params),

@@ -19,7 +19,7 @@ from healthivert.errors import InputDataError
 from healthivert.io.tables import read_table
 from healthivert.grading import GRADES, GradingResult, fit_grader
 from healthivert.io.atomic import atomic_dir, atomic_path
-from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
+from healthivert.stages.common import add_metrics_argument, add_params_arguments, check_outputs, params_from_args, write_metrics
 from healthivert.tracking.runs import stage_run
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def execute(args: argparse.Namespace) -> None:
     """Run the stage from parsed arguments."""
     params = params_from_args(args)
+    check_outputs(folders=[args.out], files=[args.metrics])
     with stage_run("svm-fit", params, ("svm_fit",)) as tracker:
         metrics = run(params, args.rhlv, args.out)
         tracker.log_metrics(metrics)

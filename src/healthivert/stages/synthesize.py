@@ -25,7 +25,7 @@ from healthivert.io.atomic import atomic_dir
 from healthivert.io.nifti import check_same_grid, load_volume, save_volume
 from healthivert.models import generator_file, load_view_generator
 from healthivert.models.generator import HealthiVertGenerator, Stage
-from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
+from healthivert.stages.common import add_metrics_argument, add_params_arguments, check_outputs, params_from_args, write_metrics
 from healthivert.synthesis.index import write_index
 from healthivert.synthesis.iterative import prepare_for_synthesis, synthesise_vertebra
 from healthivert.tracking.runs import stage_run
@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def execute(args: argparse.Namespace) -> None:
     """Run the stage from parsed arguments."""
     params = params_from_args(args)
+    check_outputs(folders=[args.out], files=[args.metrics])
     with stage_run("synthesize", params, ("model", "synthesize")) as tracker:
         metrics = run(params, args.data, args.attention, args.model, args.out)
         tracker.log_metrics(metrics)

@@ -32,7 +32,7 @@ from healthivert.io.atomic import atomic_dir
 from healthivert.io.nifti import load_volume, save_volume
 from healthivert.models.classifier import FractureClassifier
 from healthivert.models.io import save_classifier, view_file_name
-from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
+from healthivert.stages.common import add_metrics_argument, add_params_arguments, check_outputs, params_from_args, write_metrics
 from healthivert.tracking.runs import StageTracker, stage_run
 from healthivert.training.checkpoint import digest_of, file_digest
 from healthivert.training.classifier import attention_volume, train_classifier
@@ -124,6 +124,7 @@ def run(params: Params, data: Path, out: Path, attention_out: Path, checkpoint_d
 def execute(args: argparse.Namespace) -> None:
     """Run the stage from parsed arguments."""
     params = params_from_args(args)
+    check_outputs(folders=[args.out, args.attention_out, args.checkpoint_dir], files=[args.metrics])
     with stage_run("train-coarse", params, SECTIONS) as tracker:
         metrics = run(params, args.data, args.out, args.attention_out, args.checkpoint_dir, tracker)
         tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})

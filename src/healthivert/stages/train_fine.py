@@ -20,7 +20,7 @@ from healthivert.config import Params, View
 from healthivert.data.manifest import MANIFEST_NAME, read_manifest
 from healthivert.errors import InputDataError
 from healthivert.models.io import generator_file, load_view_generator, view_file_name
-from healthivert.stages.common import add_metrics_argument, add_params_arguments, params_from_args, write_metrics
+from healthivert.stages.common import add_metrics_argument, add_params_arguments, check_outputs, params_from_args, write_metrics
 from healthivert.tracking.runs import StageTracker, stage_run
 from healthivert.training.checkpoint import file_digest
 from healthivert.training.runtime import runtime_for
@@ -81,6 +81,7 @@ def run(params: Params, data: Path, attention: Path, coarse: Path, out: Path, ch
 def execute(args: argparse.Namespace) -> None:
     """Run the stage from parsed arguments."""
     params = params_from_args(args)
+    check_outputs(folders=[args.out, args.checkpoint_dir], files=[args.metrics])
     with stage_run("train-fine", params, SECTIONS) as tracker:
         metrics = run(params, args.data, args.attention, args.coarse, args.out, args.checkpoint_dir, tracker)
         tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})

@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import threading
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from healthivert.config import Params
 from healthivert.errors import ConfigError
+from healthivert.signals import interrupts_raise
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -196,7 +195,9 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...],
 
     The run is tagged with the stage, the git commit, the parameter digest and the DVC data hash of
     the stage's inputs (:mod:`healthivert.tracking.lineage`), and logs the given params sections.
-    If the stage raises, its run (and a managed parent) is marked FAILED and the error propagates.
+    If the stage raises, its run (and a managed parent) is marked FAILED and the error propagates;
+    SIGINT and SIGTERM raise :class:`~healthivert.signals.Interrupted` (tracking on or off), so an
+    interrupted stage also ends FAILED and removes its temporary outputs.
 
     Args:
         stage: the stage's command name (``train-coarse``).
@@ -205,7 +206,8 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...],
         root: the project root (``dvc.yaml``, ``dvc.lock``, ``.healthivert/``).
     """
     if not params.tracking.enabled:
-        yield StageTracker()
+        with interrupts_raise():
+            yield StageTracker()
         return
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -223,8 +225,8 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...],
     tags.update({"healthivert.kind": "stage", "healthivert.stage": stage})
     failed = True
     try:
-        with _terminate_as_exit(), mlflow.start_run(experiment_id=experiment_id, run_name=stage,
-                                                    parent_run_id=parent.run_id, tags=tags) as run:
+        with interrupts_raise(), mlflow.start_run(experiment_id=experiment_id, run_name=stage,
+                                                  parent_run_id=parent.run_id, tags=tags) as run:
             log.info("MLflow run %s (%s) in pipeline run %s", run.info.run_id, stage, parent.run_id)
             log_param_tree(client, run.info.run_id, _section_tree(params, sections))
             yield StageTracker(run.info.run_id, register_models=params.tracking.register_models)
@@ -232,23 +234,3 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...],
     finally:
         close_parent(client, parent, stage, failed)
 
-
-@contextlib.contextmanager
-def _terminate_as_exit() -> Iterator[None]:
-    """Turn SIGTERM (DVC or Kubernetes stopping a stage) into ``SystemExit`` so runs end FAILED.
-
-    Without it the process dies on the spot and its runs stay RUNNING forever. Only the main
-    thread can install signal handlers; elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
