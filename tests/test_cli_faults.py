@@ -282,7 +282,7 @@ def test_fault_gives_one_line_exit_2_and_changes_nothing(name: str, fault: Fault
     assert _snapshot(workspace) == before
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_interrupted_stage_removes_its_temporary_output(signum: int, workspace: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """SIGTERM or SIGINT while preprocess writes: one line, 128 + signal, no temporary folder left."""
@@ -319,3 +319,10 @@ def test_stale_temporaries_are_removed_by_the_next_run(workspace: Path) -> None:
         os.umask(previous)
     assert not any(path.exists() for path in stale) and other.exists()
     assert stat.S_IMODE((workspace / "heights.csv").stat().st_mode) == 0o644
+
+
+def test_centroids_from_mask_ignores_a_centroid_file_that_does_not_match(workspace: Path) -> None:
+    _preprocess_wrong_centroids(workspace, "preprocess", COMMANDS["preprocess"])
+    argv = [*COMMANDS["preprocess"].argv("preprocess"), "--set", "preprocess.centroids_from=mask"]
+    assert cli.main(argv) == 0
+    assert (workspace / "result" / "manifest.parquet").is_file()
