@@ -73,3 +73,13 @@ def test_a_file_on_the_path_is_named(tmp_path: Path) -> None:
     with pytest.raises(OutputError) as info, atomic_path(tmp_path / "blocker" / "sub" / "out.csv"):
         pytest.fail("the body must not run")
     assert str(info.value) == f"{tmp_path}/blocker/sub/out.csv: {tmp_path}/blocker is a file, not a folder (choose another path)"
+
+
+def test_writes_inside_a_new_folder_skip_the_stale_scan(tmp_path: Path) -> None:
+    """A folder being built holds nothing stale: its files are not checked (no quadratic cost in big folders)."""
+    with atomic_dir(tmp_path / "crops") as folder:
+        own = folder / f".a.nii.gz.{DEAD_PID}-00ff00ff.tmp.nii.gz"
+        own.write_bytes(b"")
+        with atomic_path(folder / "a.nii.gz") as path:
+            path.write_bytes(b"crop")
+        assert own.exists()

@@ -47,6 +47,10 @@ def check_target(target: str | os.PathLike[str], folder: bool) -> None:
         raise OutputError(target, f"cannot be reached: {exc.strerror or exc}") from exc
 
 
+#: the name of a temporary folder made by :func:`atomic_dir` (files inside it need no stale clean-up).
+_OWN_TEMPORARY = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp$")
+
+
 def _process_alive(pid: int) -> bool:
     """Whether process ``pid`` exists (on this machine)."""
     try:
@@ -93,7 +97,8 @@ def _create_temporary(target: Path, folder: bool) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(target.parent, f"cannot create the folder: {exc.strerror or exc}") from exc
-    remove_stale_temporaries(target)
+    if not any(_OWN_TEMPORARY.match(part) for part in target.parent.parts):  # a new folder holds nothing stale
+        remove_stale_temporaries(target)
     suffix = "" if folder else "".join(target.suffixes)
     while True:
         tmp = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}")
