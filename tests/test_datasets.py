@@ -133,7 +133,8 @@ def test_kubeflow_dataset_and_preprocess_steps_run_on_the_s3_dataset(s3_dataset:
     from kfp import dsl, local
     from kfp.dsl import Dataset
 
-    from healthivert.stages.submit import load_pipeline_module
+    from healthivert.errors import HealthiVertError
+    from healthivert.stages.submit import import_dataset, load_pipeline_module
 
     monkeypatch.chdir(tmp_path)
     load_pipeline_module(REPO / "pipelines" / "healthivert_pipeline.py")  # puts components/ on the path
@@ -154,8 +155,12 @@ def test_kubeflow_dataset_and_preprocess_steps_run_on_the_s3_dataset(s3_dataset:
     preprocessed = first_steps(dataset_uri=DATASET, grades_uri=GRADES).output
     manifest = read_manifest(Path(preprocessed.path))
     assert dict(zip(manifest["case"], manifest["split"])) == s3_dataset
-    with pytest.raises(RuntimeError):
-        steps.dataset(dataset_uri=f"s3://{BUCKET}/nothing-here", grades_uri=GRADES, **common)
+    # what the dataset step refuses, in one line, before any training step starts
+    for dataset_uri, grades_uri, expected in ((f"s3://{BUCKET}/nothing-here", GRADES, "no objects under this prefix"),
+                                              (DATASET, "", "no grades file given"),
+                                              (str(tmp_path / "absent"), GRADES, "dataset folder not found")):
+        with pytest.raises(HealthiVertError, match=expected):
+            import_dataset(dataset_uri, grades_uri, tmp_path / "raw", tmp_path / "grades")
 
 
 @pytest.mark.slow
@@ -165,7 +170,9 @@ def test_dvc_exp_run_preprocesses_the_s3_dataset_without_the_phantom(s3_dataset:
     """``dvc exp run -S data.source=s3://... -S data.grades=s3://...`` in a scratch copy of the project."""
     from test_dvc_pipeline import make_project
 
-    root, env = make_project(tmp_path, {"preprocess": {"crop_shape": [64, 64, 16]}, "tracking": {"enabled": False}})
+    from mlflow.tracking import MlflowClient
+
+    root, env = make_project(tmp_path, {"preprocess": {"crop_shape": [64, 64, 16]}})
     done = subprocess.run(["dvc", "exp", "run", "preprocess", "-S", f"data.source={DATASET}", "-S",
                            f"data.grades={GRADES}"], cwd=root, env={**env, **os.environ}, capture_output=True,
                           text=True, timeout=280)
@@ -177,3 +184,29 @@ def test_dvc_exp_run_preprocesses_the_s3_dataset_without_the_phantom(s3_dataset:
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["preprocess"]
     deps = {dep["path"]: dep for dep in lock["deps"]}
     assert deps[DATASET]["nfiles"] > 0 and GRADES in deps  # the data is a real dependency, hashed by DVC
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = [r for r in client.search_runs([client.get_experiment_by_name("healthivert").experiment_id])
+              if r.data.tags.get("healthivert.stage") == "preprocess"]
+    (used,) = run.inputs.dataset_inputs  # the MLflow dataset input names the bucket prefix
+    assert json.loads(used.dataset.source) == {"uri": DATASET} and used.dataset.name == "verse19"
+    assert run.data.params["data.source"] == DATASET
+
+
+def test_kubeflow_checkpoint_folders_outlive_the_step(s3: str, tmp_path: Path) -> None:
+    """What a training component hands its stage as ``--checkpoint-dir``, for each kind of ``checkpoint_uri``."""
+    from healthivert.stages.submit import checkpoint_folder
+
+    uri = f"s3://{BUCKET}/checkpoints/exp-1"
+    with checkpoint_folder(uri, "train_fine") as folder:
+        (Path(folder) / "last.pt").write_bytes(b"step 4")
+    assert boto3.client("s3").get_object(Bucket=BUCKET, Key="checkpoints/exp-1/train_fine/last.pt")["Body"].read() \
+        == b"step 4"
+    with checkpoint_folder(uri, "train_fine") as folder:  # the restarted step, on another node
+        assert (Path(folder) / "last.pt").read_bytes() == b"step 4"
+    with checkpoint_folder(str(tmp_path / "volume"), "train_coarse") as folder:  # a mounted volume
+        assert Path(folder) == tmp_path / "volume" / "train_coarse" and Path(folder).is_dir()
+    with checkpoint_folder("", "train_coarse") as folder:  # inside the pod: gone with it
+        scratch = Path(folder)
+        assert scratch.is_dir()
+    assert not scratch.exists()

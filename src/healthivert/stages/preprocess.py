@@ -335,6 +335,8 @@ def execute(args: argparse.Namespace) -> None:
         metrics = run(params, args.input, args.out, args.grades, args.download_cache)
         tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
         tracker.log_artifact(args.out / "manifest.parquet")
+        manifest = read_manifest(args.out)[["case", "vertebra", "grade", "split"]]
+        tracker.log_dataset(manifest, str(args.input), Path(str(args.input).rstrip("/")).name, "preprocess")
         if tracker.active:
             tracker.log_figure(overview_figure(args.out), "preprocess/overview.png")
     write_metrics(args.metrics, metrics)
