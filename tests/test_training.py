@@ -1,4 +1,5 @@
-"""Training engine: exact resume after a kill (also of a pod whose checkpoints live in S3), refused foreign checkpoints, falling loss, DDP on 2 CPU processes."""
+"""Training engine: exact resume after a kill (also of a pod whose checkpoints live in S3), refused foreign
+checkpoints, falling loss, DDP on 2 CPU processes."""
 
 from __future__ import annotations
 

@@ -134,7 +134,8 @@ def download_file(uri: str, cache: str | os.PathLike[str]) -> Path:
         raise _explain(uri, exc) from exc
     target = Path(cache) / bucket / key
     try:
-        _fetch(client, bucket, {"Key": key, "Size": head["ContentLength"], "LastModified": head["LastModified"]}, target)
+        item = {"Key": key, "Size": head["ContentLength"], "LastModified": head["LastModified"]}
+        _fetch(client, bucket, item, target)
     except _s3_errors() as exc:
         raise _explain(uri, exc) from exc
     return target

@@ -214,7 +214,8 @@ def check_grades_match(grades: pd.DataFrame, grades_path: Path, case_ids: list[s
                              f"it keys cases like '{sorted(graded)[0]}', the dataset has '{case_ids[0]}'")
     absent = graded - keys
     if absent:
-        log.warning("%s: %d graded case(s) are not in the dataset (e.g. %s)", grades_path, len(absent), sorted(absent)[0])
+        log.warning("%s: %d graded case(s) are not in the dataset (e.g. %s)", grades_path, len(absent),
+                    sorted(absent)[0])
 
 
 def check_graded_vertebrae(grades: pd.DataFrame, grades_path: Path, found: pd.DataFrame) -> None:
