@@ -226,7 +226,7 @@ def test_repro_is_incremental_and_tracked(project: tuple[Path, dict[str, str]]) 
     _run(["git", "add", "-A"], root, env)
     _run(["git", "commit", "-qm", "tiny run"], root, env)
     exp = _run(["dvc", "exp", "run", "preprocess", "-S", "preprocess.hu_window=[-400.0,1000.0]"], root, env)
-    assert "Running stage 'preprocess'" in exp and "Running stage 'phantom'" not in exp
+    assert "Running stage 'preprocess'" in exp and f"Running stage '{PHANTOM_DVC_YAML}:phantom'" not in exp
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("healthivert")
