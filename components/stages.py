@@ -6,7 +6,9 @@ Each function only maps its typed artifacts (``Input``/``Output`` of ``Dataset``
 The functions are turned into components by :func:`build_components` on the project's image, which
 already holds the package (no ``pip install`` at run time). Every step receives the same parameters
 as one JSON line (``params_json``), newline-separated ``section.key=value`` overrides, the MLflow URI
-(empty: tracking off) and the id that groups the steps under one MLflow parent run.
+(empty: tracking off) and the id that groups the steps under one MLflow parent run. The training
+steps keep their checkpoints under ``checkpoint_uri`` (an s3:// prefix or a mounted volume's path;
+empty: a folder inside the pod), so a restarted step resumes.
 """
 
 from collections.abc import Callable
@@ -16,49 +18,54 @@ from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 
-def phantom(params_json: str, overrides: str, mlflow_uri: str, pipeline_group: str,
-            raw: Output[Dataset], metrics: Output[Metrics]):
-    """Generate the synthetic spine CT dataset (VerSe layout, with ground truth)."""
-    from healthivert.stages.submit import run_step
-
-    run_step(["phantom", "--out", raw.path], params_json, overrides.splitlines(), mlflow_uri, pipeline_group,
-             metrics)
-
-
-def preprocess(raw: Input[Dataset], params_json: str, overrides: str, mlflow_uri: str, pipeline_group: str,
-               preprocessed: Output[Dataset], metrics: Output[Metrics]):
-    """Straighten, de-pedicle and crop every vertebra; write the manifest."""
+def dataset(dataset_uri: str, grades_uri: str, params_json: str, overrides: str, mlflow_uri: str,
+            pipeline_group: str, raw: Output[Dataset], grades: Output[Dataset], metrics: Output[Metrics]):
+    """The dataset: the phantom when ``dataset_uri`` is empty, else that folder or s3:// prefix and its grades."""
     import os
+    import shutil
 
+    from healthivert.stages.submit import import_dataset, run_step
+
+    if dataset_uri:
+        import_dataset(dataset_uri, grades_uri, raw.path, grades.path)
+        raw.metadata["source"], grades.metadata["source"] = dataset_uri, grades_uri
+    else:
+        run_step(["phantom", "--out", raw.path], params_json, overrides.splitlines(), mlflow_uri, pipeline_group,
+                 metrics)
+        shutil.copyfile(os.path.join(raw.path, "grades.csv"), grades.path)
+        raw.metadata["source"], grades.metadata["source"] = "phantom", "phantom"
+
+
+def preprocess(raw: Input[Dataset], grades: Input[Dataset], params_json: str, overrides: str, mlflow_uri: str,
+               pipeline_group: str, preprocessed: Output[Dataset], metrics: Output[Metrics]):
+    """Straighten, de-pedicle and crop every vertebra; write the manifest."""
     from healthivert.stages.submit import run_step
 
-    run_step(["preprocess", "--input", raw.path, "--grades", os.path.join(raw.path, "grades.csv"),
-              "--out", preprocessed.path], params_json, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
+    source = [f"data.source={raw.metadata['source']}", f"data.grades={grades.metadata['source']}"] \
+        if raw.metadata.get("source", "phantom") != "phantom" else []
+    run_step(["preprocess", "--input", raw.path, "--grades", grades.path, "--out", preprocessed.path], params_json,
+             [*overrides.splitlines(), *source], mlflow_uri, pipeline_group, metrics)
 
 
 def train_coarse(preprocessed: Input[Dataset], params_json: str, overrides: str, mlflow_uri: str,
-                 pipeline_group: str, coarse: Output[Model], attention: Output[Dataset],
+                 pipeline_group: str, checkpoint_uri: str, coarse: Output[Model], attention: Output[Dataset],
                  metrics: Output[Metrics]):
     """Train the fracture classifier (attention maps) and a coarse generator per view."""
-    import tempfile
+    from healthivert.stages.submit import checkpoint_folder, run_step
 
-    from healthivert.stages.submit import run_step
-
-    with tempfile.TemporaryDirectory(prefix="checkpoints-") as checkpoints:
+    with checkpoint_folder(checkpoint_uri, "train_coarse") as checkpoints:
         run_step(["train-coarse", "--data", preprocessed.path, "--out", coarse.path,
                   "--attention-out", attention.path, "--checkpoint-dir", checkpoints],
                  params_json, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
 
 
 def train_fine(preprocessed: Input[Dataset], attention: Input[Dataset], coarse: Input[Model], params_json: str,
-               overrides: str, mlflow_uri: str, pipeline_group: str, fine: Output[Model],
+               overrides: str, mlflow_uri: str, pipeline_group: str, checkpoint_uri: str, fine: Output[Model],
                metrics: Output[Metrics]):
     """Train the whole generator of each view from the coarse one of the same view."""
-    import tempfile
+    from healthivert.stages.submit import checkpoint_folder, run_step
 
-    from healthivert.stages.submit import run_step
-
-    with tempfile.TemporaryDirectory(prefix="checkpoints-") as checkpoints:
+    with checkpoint_folder(checkpoint_uri, "train_fine") as checkpoints:
         run_step(["train-fine", "--data", preprocessed.path, "--attention", attention.path,
                   "--coarse", coarse.path, "--out", fine.path, "--checkpoint-dir", checkpoints],
                  params_json, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
@@ -113,7 +120,7 @@ def evaluate(preprocessed: Input[Dataset], synthesized: Input[Dataset], rhlv_dat
 class Components:
     """The stage components, built on one image."""
 
-    phantom: Callable
+    dataset: Callable
     preprocess: Callable
     train_coarse: Callable
     train_fine: Callable
@@ -129,5 +136,5 @@ def build_components(image: str) -> Components:
     def make(func: Callable) -> Callable:
         return dsl.component(func, base_image=image, install_kfp_package=False)
 
-    return Components(make(phantom), make(preprocess), make(train_coarse), make(train_fine), make(synthesize),
+    return Components(make(dataset), make(preprocess), make(train_coarse), make(train_fine), make(synthesize),
                       make(rhlv), make(svm_fit), make(evaluate))

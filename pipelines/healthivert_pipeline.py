@@ -1,7 +1,9 @@
 """The HealthiVert pipeline for Kubeflow Pipelines v2: the DVC DAG of ``dvc.yaml``, step for step.
 
 ``build_pipeline`` wires the components of ``components/stages.py``: each step's output artifacts
-feed the next steps' inputs, so the DAG follows from the data. Compile or submit it with
+feed the next steps' inputs, so the DAG follows from the data. The first step brings in the dataset
+named by the ``dataset_uri`` / ``grades_uri`` pipeline parameters, or the phantom when none is given;
+the training steps keep their checkpoints under ``checkpoint_uri`` and are retried, resuming. Compile or submit it with
 ``healthivert submit --compile-only FILE`` / ``healthivert submit --host URL``.
 """
 
@@ -15,7 +17,8 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_STEPS = ("train-coarse", "train-fine", "synthesize")
 
 
-def build_pipeline(image: str, gpus: int = 1, params_json: str = "", mlflow_uri: str = ""):
+def build_pipeline(image: str, gpus: int = 1, params_json: str = "", mlflow_uri: str = "", dataset_uri: str = "",
+                   grades_uri: str = "", checkpoint_uri: str = "", retries: int = 2):
     """The pipeline function for one image.
 
     Args:
@@ -26,22 +29,31 @@ def build_pipeline(image: str, gpus: int = 1, params_json: str = "", mlflow_uri:
         mlflow_uri: MLflow tracking URI the steps log to (reachable from the cluster); empty switches
             tracking off. When set, the steps group under one MLflow parent run keyed by the KFP job id
             (which also keeps KFP from reusing cached steps across runs).
+        dataset_uri: default of the ``dataset_uri`` pipeline parameter: a dataset folder (a mounted
+            volume) or ``s3://`` prefix; empty: the phantom.
+        grades_uri: default of the ``grades_uri`` pipeline parameter: the dataset's grades file.
+        checkpoint_uri: default of the ``checkpoint_uri`` pipeline parameter: where the training steps
+            keep their checkpoints (``s3://`` prefix or mounted path; empty: inside the pod).
+        retries: times a failed training step is restarted (it resumes from its checkpoints).
     """
     steps = build_components(image)
     group = dsl.PIPELINE_JOB_ID_PLACEHOLDER if mlflow_uri else ""
 
     @dsl.pipeline(name="healthivert", description="HealthiVert-GAN: pseudo-healthy vertebra synthesis, RHLV and "
                                                   "Genant grading of vertebral compression fractures")
-    def healthivert(params_json: str = params_json, overrides: str = ""):
+    def healthivert(params_json: str = params_json, overrides: str = "", dataset_uri: str = dataset_uri,
+                    grades_uri: str = grades_uri, checkpoint_uri: str = checkpoint_uri):
         common = {"params_json": params_json, "overrides": overrides, "mlflow_uri": mlflow_uri,
                   "pipeline_group": group}
-        raw = steps.phantom(**common).set_display_name("phantom")
-        pre = steps.preprocess(raw=raw.outputs["raw"], **common).set_display_name("preprocess")
+        source = steps.dataset(dataset_uri=dataset_uri, grades_uri=grades_uri, **common).set_display_name("dataset")
+        pre = steps.preprocess(raw=source.outputs["raw"], grades=source.outputs["grades"],
+                               **common).set_display_name("preprocess")
         data = pre.outputs["preprocessed"]
-        coarse = steps.train_coarse(preprocessed=data, **common).set_display_name("train-coarse")
+        coarse = steps.train_coarse(preprocessed=data, checkpoint_uri=checkpoint_uri,
+                                    **common).set_display_name("train-coarse")
         attention = coarse.outputs["attention"]
         fine = steps.train_fine(preprocessed=data, attention=attention, coarse=coarse.outputs["coarse"],
-                                **common).set_display_name("train-fine")
+                                checkpoint_uri=checkpoint_uri, **common).set_display_name("train-fine")
         synth = steps.synthesize(preprocessed=data, attention=attention, fine=fine.outputs["fine"],
                                  **common).set_display_name("synthesize")
         heights = steps.rhlv(preprocessed=data, synthesized=synth.outputs["synthesized"],
@@ -53,5 +65,8 @@ def build_pipeline(image: str, gpus: int = 1, params_json: str = "", mlflow_uri:
         if gpus:
             for task in (coarse, fine, synth):
                 task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
+        if retries:
+            for task in (coarse, fine):
+                task.set_retry(num_retries=retries)
 
     return healthivert

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,40 @@ def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("phantom") / "raw"
     write_dataset(root, SMALL_PHANTOM)
     return root
+
+
+#: the bucket of the ``s3`` fixture.
+BUCKET = "healthivert-test"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 with one bucket; the AWS variables point boto3, DVC and MLflow at it."""
+    import boto3
+
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    from healthivert.tracking.pipeline import PIPELINE_GROUP_ENV, PIPELINE_RUN_ENV
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+                            "MLFLOW_S3_ENDPOINT_URL": endpoint}.items():
+            patch.setenv(name, value)
+        for name in ("AWS_PROFILE", PIPELINE_RUN_ENV, PIPELINE_GROUP_ENV):
+            patch.delenv(name, raising=False)
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        try:
+            yield endpoint
+        finally:
+            server.stop()

@@ -6,8 +6,10 @@ parameter changed, ``dvc metrics show``, and one MLflow parent run grouping the 
 """
 
 import ast
+import functools
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -22,7 +24,18 @@ from healthivert.config import Params
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
-STAGES = DVC_YAML["stages"]
+#: the phantom stage, apart so that it runs only when the phantom is the dataset.
+PHANTOM_DVC_YAML = Path("datasets") / "phantom" / "dvc.yaml"
+PHANTOM_STAGE = yaml.safe_load((REPO / PHANTOM_DVC_YAML).read_text())["stages"]["phantom"]
+#: every stage: the phantom first, then the main DAG.
+STAGES = {"phantom": PHANTOM_STAGE, **DVC_YAML["stages"]}
+#: ``${...}`` in dvc.yaml, as DVC resolves it from params.yaml's defaults.
+DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def _resolved(text: str) -> str:
+    """``text`` with every ``${section.key}`` replaced by its value in params.yaml."""
+    return re.sub(r"\$\{([\w.]+)\}", lambda m: str(functools.reduce(dict.get, m[1].split("."), DEFAULTS)), text)
 #: modules a stage imports that are not code dependencies: parameters are tracked as params,
 #: tracking and error reporting do not change outputs.
 NOT_CODE_DEPS = ("healthivert", "healthivert.config", "healthivert.errors", "healthivert.cli",
@@ -30,7 +43,7 @@ NOT_CODE_DEPS = ("healthivert", "healthivert.config", "healthivert.errors", "hea
 
 
 def _argv(stage: dict) -> list[str]:
-    argv = shlex.split(stage["cmd"])
+    argv = shlex.split(_resolved(stage["cmd"]))
     assert argv[0] == "healthivert"
     return argv[1:]
 
@@ -106,7 +119,7 @@ def test_params_are_per_stage_sections() -> None:
 def test_outputs_metrics_and_checkpoints() -> None:
     produced: dict[str, str] = {}
     for name, stage in STAGES.items():
-        for dep in stage["deps"]:
+        for dep in map(_resolved, stage["deps"]):
             if not dep.startswith("src/"):
                 assert any(dep == out or dep.startswith(out + "/") for out in produced), f"{name}: {dep} has no producer"
         metrics = stage["metrics"]
@@ -133,9 +146,20 @@ def test_plots_read_what_evaluate_writes() -> None:
 
 
 def test_dvc_accepts_the_pipeline() -> None:
-    listed = subprocess.run(["dvc", "stage", "list"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(["dvc", "stage", "list", "--all"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
-    assert [line.split()[0] for line in listed.stdout.splitlines()] == list(STAGES)
+    names = [line.split()[0] for line in listed.stdout.splitlines()]
+    assert names == [*DVC_YAML["stages"], f"{PHANTOM_DVC_YAML}:phantom"]
+
+
+def test_the_dataset_is_a_setting() -> None:
+    """preprocess reads and depends on ``data.source`` / ``data.grades``; only the phantom default needs the phantom."""
+    preprocess = DVC_YAML["stages"]["preprocess"]
+    assert {"${data.source}", "${data.grades}"} <= set(preprocess["deps"]) and "data" in preprocess["params"]
+    argv = _argv(preprocess)
+    assert argv[argv.index("--input") + 1] == DEFAULTS["data"]["source"] == PHANTOM_STAGE["outs"][0]
+    assert argv[argv.index("--grades") + 1] == DEFAULTS["data"]["grades"] == f"{PHANTOM_STAGE['outs'][0]}/grades.csv"
+    assert "phantom" not in DVC_YAML["stages"] and PHANTOM_STAGE["wdir"] == "../.."
 
 
 # ------------------------------------------------------------------------------- a real DVC project
@@ -151,14 +175,15 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     return done.stdout + done.stderr
 
 
-@pytest.fixture()
-def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """A scratch git + DVC project with this dvc.yaml, tiny params and a copy of the code it hashes."""
+def make_project(tmp_path: Path, tiny: dict[str, dict]) -> tuple[Path, dict[str, str]]:
+    """A scratch git + DVC project with this project's dvc.yaml files, ``tiny`` params and the code they hash."""
     root = tmp_path / "project"
     shutil.copytree(SRC, root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / PHANTOM_DVC_YAML).parent.mkdir(parents=True)
+    shutil.copy(REPO / PHANTOM_DVC_YAML, root / PHANTOM_DVC_YAML)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in TINY.items():
+    for section, values in tiny.items():
         params[section].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text("/data/\n/mlflow.db\n/mlartifacts/\n/.healthivert/\n")
@@ -174,6 +199,12 @@ def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return root, env
 
 
+@pytest.fixture()
+def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A scratch project with the tiny phantom settings."""
+    return make_project(tmp_path, TINY)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_repro_is_incremental_and_tracked(project: tuple[Path, dict[str, str]]) -> None:
@@ -181,10 +212,10 @@ def test_repro_is_incremental_and_tracked(project: tuple[Path, dict[str, str]]) 
 
     root, env = project
     first = _run(["dvc", "repro", "preprocess"], root, env)
-    assert "Running stage 'phantom'" in first and "Running stage 'preprocess'" in first
+    assert f"Running stage '{PHANTOM_DVC_YAML}:phantom'" in first and "Running stage 'preprocess'" in first
     assert (root / "data/preprocessed/manifest.parquet").is_file()
-    lock = yaml.safe_load((root / "dvc.lock").read_text())
-    raw_md5 = next(o["md5"] for o in lock["stages"]["phantom"]["outs"] if o["path"] == "data/raw")
+    lock = yaml.safe_load((root / PHANTOM_DVC_YAML).with_name("dvc.lock").read_text())
+    raw_md5 = next(o["md5"] for o in lock["stages"]["phantom"]["outs"] if o["path"] == "data/phantom")
 
     second = _run(["dvc", "repro", "preprocess"], root, env)
     assert "Running stage" not in second
@@ -195,7 +226,7 @@ def test_repro_is_incremental_and_tracked(project: tuple[Path, dict[str, str]]) 
     _run(["git", "add", "-A"], root, env)
     _run(["git", "commit", "-qm", "tiny run"], root, env)
     exp = _run(["dvc", "exp", "run", "preprocess", "-S", "preprocess.hu_window=[-400.0,1000.0]"], root, env)
-    assert "Running stage 'preprocess'" in exp and "Running stage 'phantom'" not in exp
+    assert "Running stage 'preprocess'" in exp and f"Running stage '{PHANTOM_DVC_YAML}:phantom'" not in exp
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("healthivert")
@@ -205,7 +236,7 @@ def test_repro_is_incremental_and_tracked(project: tuple[Path, dict[str, str]]) 
     assert len(parents) == 2  # the repro, then the experiment (new params digest)
     assert [r.data.tags["mlflow.parentRunId"] for r in stages] == [p.info.run_id for p in parents]
     assert all(r.info.status == "FINISHED" for r in stages)
-    assert stages[0].data.tags["dvc.dep.data/raw"] == raw_md5
+    assert stages[0].data.tags["dvc.dep.data/phantom"] == raw_md5
     assert stages[0].data.tags["git.commit"] != stages[1].data.tags["git.commit"]
     assert stages[0].data.params["preprocess.crop_shape"] == "[64, 64, 16]"
     assert json.loads(stages[1].data.params["preprocess.hu_window"]) == [-400.0, 1000.0]

@@ -1,6 +1,6 @@
 """The Kubeflow pipeline: compiled IR (steps, edges, artifacts, GPUs, parameters) and a local run.
 
-The local run executes all eight components with ``kfp.local.SubprocessRunner(use_venv=False)`` in
+The local run executes all eight components (the dataset step making the phantom) with ``kfp.local.SubprocessRunner(use_venv=False)`` in
 this Python environment, passing artifacts between steps as in a cluster, on a tiny phantom (3 cases
 of 5 vertebrae, 96 x 64 x 16 crops, 2 steps per training stage, a 4-channel network) with MLflow
 tracking into a scratch SQLite store: one parent run keyed by the KFP job id, one nested run per step.
@@ -23,10 +23,10 @@ from healthivert.stages.submit import load_pipeline_module
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_FILE = REPO / "pipelines" / "healthivert_pipeline.py"
-STEPS = ["phantom", "preprocess", "train-coarse", "train-fine", "synthesize", "rhlv", "svm-fit", "evaluate"]
+STEPS = ["dataset", "preprocess", "train-coarse", "train-fine", "synthesize", "rhlv", "svm-fit", "evaluate"]
 UPSTREAM = {
-    "phantom": set(),
-    "preprocess": {"phantom"},
+    "dataset": set(),
+    "preprocess": {"dataset"},
     "train-coarse": {"preprocess"},
     "train-fine": {"preprocess", "train-coarse"},
     "synthesize": {"preprocess", "train-coarse", "train-fine"},
@@ -69,9 +69,29 @@ def test_compiled_dag(tmp_path: Path) -> None:
     assert components["comp-evaluate"]["outputDefinitions"]["artifacts"]["report"]["artifactType"]["schemaTitle"] == "system.HTML"
 
     parameters = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(parameters) == {"params_json", "overrides"}
+    assert set(parameters) == {"params_json", "overrides", "dataset_uri", "grades_uri", "checkpoint_uri"}
     defaults = json.loads(parameters["params_json"]["defaultValue"])
     assert defaults["phantom"]["cases"] == 5 and defaults["tracking"]["enabled"] is True
+    # the phantom dataset (no URI), checkpoints inside the pod: the defaults
+    assert all(parameters[name].get("defaultValue", "") == "" for name in ("dataset_uri", "grades_uri", "checkpoint_uri"))
+    preprocess_inputs = tasks["preprocess"]["inputs"]["artifacts"]
+    assert {key: value["taskOutputArtifact"]["outputArtifactKey"] for key, value in preprocess_inputs.items()} == \
+        {"raw": "raw", "grades": "grades"}
+    for step in ("train-coarse", "train-fine"):
+        assert tasks[step]["inputs"]["parameters"]["checkpoint_uri"]["componentInputParameter"] == "checkpoint_uri"
+        assert tasks[step]["retryPolicy"]["maxRetryCount"] == 2  # a lost pod is restarted and resumes
+
+
+def test_compile_with_a_dataset_and_persistent_checkpoints(tmp_path: Path) -> None:
+    """``data.source`` / ``data.grades`` become the dataset parameters' defaults, ``--checkpoints`` the checkpoints'."""
+    spec = _compile(tmp_path, "--set", "data.source=s3://scans/verse19", "--set", "data.grades=s3://scans/grades.json",
+                    "--checkpoints", "s3://scans/checkpoints/exp-1")
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert parameters["dataset_uri"]["defaultValue"] == "s3://scans/verse19"
+    assert parameters["grades_uri"]["defaultValue"] == "s3://scans/grades.json"
+    assert parameters["checkpoint_uri"]["defaultValue"] == "s3://scans/checkpoints/exp-1"
+    dataset_inputs = spec["root"]["dag"]["tasks"]["dataset"]["inputs"]["parameters"]
+    assert dataset_inputs["dataset_uri"]["componentInputParameter"] == "dataset_uri"
 
 
 def test_compile_without_gpus_and_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -190,7 +210,7 @@ def test_pipeline_runs_locally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     runs = client.search_runs([client.get_experiment_by_name("kfp-local").experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("healthivert.kind") == "pipeline"]
     stages = {r.data.tags["healthivert.stage"]: r for r in runs if r.data.tags.get("healthivert.kind") == "stage"}
-    assert set(stages) >= set(STEPS) - {"phantom"}
+    assert set(stages) >= set(STEPS) - {"dataset"}
     assert {r.data.tags["mlflow.parentRunId"] for r in stages.values()} == {parent.info.run_id}
     assert parent.info.status == "FINISHED" and parent.data.tags["healthivert.group"]
     assert stages["train-fine"].data.params["train_fine.seed"] == "2"  # the run-time override reached the step

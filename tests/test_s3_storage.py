@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,47 +20,20 @@ import boto3
 import pytest
 import yaml
 
+from conftest import BUCKET, free_port
+
 from healthivert.cli import main
 from healthivert.config import load_params
 from healthivert.tracking import stage_run
-from healthivert.tracking.pipeline import PIPELINE_GROUP_ENV, PIPELINE_RUN_ENV
 
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+pytest.importorskip("moto.server", reason="moto[server] is not installed")
 
-BUCKET = "healthivert-test"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _keys(prefix: str) -> list[str]:
     listing = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix)
     return [item["Key"] for item in listing.get("Contents", [])]
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[str]:
-    """A moto S3 server with one bucket; the AWS variables point boto3, DVC and MLflow at it."""
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-                            "MLFLOW_S3_ENDPOINT_URL": endpoint}.items():
-            patch.setenv(name, value)
-        for name in ("AWS_PROFILE", PIPELINE_RUN_ENV, PIPELINE_GROUP_ENV):
-            patch.delenv(name, raising=False)
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        try:
-            yield endpoint
-        finally:
-            server.stop()
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
@@ -108,7 +80,7 @@ def test_mlflow_artifacts_written_directly_to_s3(s3: str, tmp_path: Path, monkey
 @pytest.fixture()
 def mlflow_server(s3: str, tmp_path: Path) -> Iterator[str]:
     """``mlflow server`` on 127.0.0.1 with a SQLite backend and artifacts proxied to s3://BUCKET/server."""
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "mlflow-server.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

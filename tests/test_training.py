@@ -1,10 +1,15 @@
-"""Training engine: exact resume after a kill, refused foreign checkpoints, falling loss, DDP on 2 CPU processes."""
+"""Training engine: exact resume after a kill (also of a pod whose checkpoints live in S3), refused foreign
+checkpoints, falling loss, DDP on 2 CPU processes."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -72,27 +77,60 @@ def _state(task: InpaintingTask) -> dict[str, torch.Tensor]:
     return flat
 
 
+def _s3_keys(run: str) -> list[str]:
+    """Checkpoint objects the mirror of ``run`` has uploaded."""
+    import boto3
+    from conftest import BUCKET
+
+    listing = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=f"checkpoints/{run}/")
+    return [item["Key"] for item in listing.get("Contents", []) if item["Key"].endswith(CHECKPOINT_NAME)]
+
+
 SETTINGS = LoopSettings(epochs=2, steps_per_epoch=3, batch_size=4, checkpoint_every=2, seed=0)
 CPU = Runtime(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("kill_at", [3, 5])
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(data, tmp_path: Path, kill_at: int) -> None:
+@contextlib.contextmanager
+def _checkpoint_folder(storage: str, pod: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """``disk``: a folder that survives the kill; ``s3``: the pod's folder, mirrored to a moto bucket."""
+    if storage == "disk":
+        yield pod.parent
+        return
+    from conftest import BUCKET
+
+    from healthivert.io.remote import mirrored_folder
+
+    request.getfixturevalue("s3")
+    with mirrored_folder(pod, f"s3://{BUCKET}/checkpoints/{pod.parents[1].name}", interval_s=0.05) as folder:
+        yield folder
+
+
+@pytest.mark.parametrize(("kill_at", "storage"), [(3, "disk"), (5, "disk"), (5, "s3")])
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(data, tmp_path: Path, kill_at: int, storage: str,
+                                                             request: pytest.FixtureRequest) -> None:
+    """With ``s3`` the pod's disk is lost with it: the run resumes from the checkpoint mirrored to the bucket."""
     task, train = _task(data, "coarse", CPU, SETTINGS.epochs)
     fit(task, train, SETTINGS, CPU, tmp_path / "whole", "digest")
     expected = _state(task)
 
     def kill(step: int) -> None:
         if step == kill_at:
+            if storage == "s3":
+                deadline = time.monotonic() + 10  # the mirror uploads in the background while training runs
+                while not (mirror := list(_s3_keys(tmp_path.name))) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert mirror, "no checkpoint reached the bucket"
+                shutil.rmtree(tmp_path / "killed" / "pod-1")
             raise Killed
 
     task, train = _task(data, "coarse", CPU, SETTINGS.epochs)
-    with pytest.raises(Killed):
-        fit(task, train, SETTINGS, CPU, tmp_path / "killed", "digest", on_step=kill)
+    with pytest.raises(Killed), _checkpoint_folder(storage, tmp_path / "killed" / "pod-1", request) as folder:
+        fit(task, train, SETTINGS, CPU, folder, "digest", on_step=kill)
     # a new process: fresh networks from another seed, everything else from the checkpoint
     task, train = _task(data, "coarse", CPU, SETTINGS.epochs, seed=123)
     train.seed = 0
-    result = fit(task, train, SETTINGS, CPU, tmp_path / "killed", "digest")
+    with _checkpoint_folder(storage, tmp_path / "killed" / "pod-2", request) as folder:
+        result = fit(task, train, SETTINGS, CPU, folder, "digest")
     assert result.resumed_from == 2 * ((kill_at - 1) // 2) and result.step == 6
     got = _state(task)
     assert got.keys() == expected.keys()

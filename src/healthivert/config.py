@@ -79,6 +79,44 @@ class PhantomParams(Section):
         return self
 
 
+#: ``data.source`` of the default dataset: the phantom written by ``datasets/phantom/dvc.yaml``.
+PHANTOM_SOURCE = "data/phantom"
+
+
+def _location(value: str) -> str:
+    """Accept a local path or an ``s3://bucket/prefix`` URI; refuse other schemes and a bucket-less URI."""
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    scheme, separator, rest = value.partition("://")
+    if separator and scheme != "s3":
+        raise ValueError(f"'{scheme}://' is not supported: give a local path or an s3://bucket/prefix URI")
+    if separator and not rest.split("/", 1)[0]:
+        raise ValueError(f"'{value}' names no bucket: expected s3://bucket/prefix")
+    return value
+
+
+class DataParams(Section):
+    """The dataset the pipeline runs on.
+
+    Attributes:
+        source: a dataset folder in any layout ``preprocess`` reads, or an ``s3://bucket/prefix``
+            (downloaded into a local cache first); the default is the phantom.
+        grades: its Genant grades: the paper's JSON (its split is kept) or a ``case,vertebra,grade``
+            CSV, as a path or an ``s3://`` URI.
+    """
+
+    source: str = PHANTOM_SOURCE
+    grades: str = f"{PHANTOM_SOURCE}/grades.csv"
+
+    _locations = field_validator("source", "grades")(_location)
+
+    @property
+    def is_phantom(self) -> bool:
+        """True when the pipeline runs on the default phantom dataset."""
+        return self.source.rstrip("/") == PHANTOM_SOURCE
+
+
 class SplitParams(Section):
     """Patient-wise train/val/test split."""
 
@@ -305,6 +343,7 @@ class TrackingParams(Section):
 class Params(Section):
     """All of ``params.yaml``."""
 
+    data: DataParams = DataParams()
     phantom: PhantomParams = PhantomParams()
     preprocess: PreprocessParams = PreprocessParams()
     model: ModelParams = ModelParams()

@@ -20,6 +20,8 @@ from healthivert.geometry.straighten import StraightenedSpine, StraightenMap, re
 
 #: VerSe id of the sacrum.
 SACRUM = 26
+#: why a vertebra with a centroid but no voxels is skipped (its grade, if any, is then an error).
+NOT_IN_LABEL_MAP = "not in the label map"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -147,7 +149,7 @@ def prepare_spine(labels: np.ndarray, input_spacing_mm: tuple[float, float, floa
             bodies, cuts = _isolate_bodies(straight.labels, vertebrae, spacing_mm, remove_arch)
     positions = straight.map.to_straight(np.asarray([centroids[v] for v in centroids], dtype=np.float64))
     straight = dataclasses.replace(straight, centroids=dict(zip((int(v) for v in centroids), positions)))
-    skipped = {int(v): "not in the label map" for v in centroids if int(v) not in present}
+    skipped = {int(v): NOT_IN_LABEL_MAP for v in centroids if int(v) not in present}
     skipped |= {int(v): f"fragment ({volumes_in[int(v)]:.0f} mm3, typical vertebra {typical:.0f} mm3)"
                 for v in centroids if int(v) in present and int(v) not in on_curve}
     volumes = np.bincount(bodies.ravel(), minlength=max(vertebrae, default=0) + 1) * spacing_mm**3

@@ -76,6 +76,15 @@ def _read_csv(path: Path) -> pd.DataFrame:
     return _frame(rows)
 
 
+def _is_json(path: Path) -> bool:
+    """By the suffix, else (a pipeline artifact has none) by the first character."""
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".csv"):
+        return suffix == ".json"
+    with path.open("rb") as handle:
+        return handle.read(64).lstrip().startswith(b"{")
+
+
 def read_grades(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read Genant grades from the paper's JSON or a CSV.
 
@@ -90,7 +99,7 @@ def read_grades(path: str | os.PathLike[str]) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise InputDataError(path, "grades file not found")
-    grades = _read_json(path) if path.suffix.lower() == ".json" else _read_csv(path)
+    grades = _read_json(path) if _is_json(path) else _read_csv(path)
     duplicated = grades.duplicated(["case", "vertebra"])
     if duplicated.any():
         first = grades[duplicated].iloc[0]

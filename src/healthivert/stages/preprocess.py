@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from healthivert.data.splits import patient_of, split_patients
 from healthivert.errors import InputDataError
 from healthivert.geometry.crops import crop_origin, crop_vertebra
 from healthivert.geometry.morphometry import heights_on, select_columns
-from healthivert.geometry.spine import crop_window, prepare_spine, resample_twin
+from healthivert.geometry.spine import NOT_IN_LABEL_MAP, crop_window, prepare_spine, resample_twin
 from healthivert.geometry.straighten import resample
 from healthivert.io.atomic import atomic_dir
 from healthivert.io.case import SpineCase, load_case
@@ -37,6 +38,7 @@ from healthivert.io.grades import read_grades
 from healthivert.io.labels import vertebra_name
 from healthivert.io.layouts import CaseFiles, discover_cases
 from healthivert.io.nifti import save_volume
+from healthivert.io.remote import is_s3_uri, local_copy
 from healthivert.stages.common import add_metrics_argument, add_params_arguments, check_outputs, params_from_args, write_metrics
 from healthivert.tracking.runs import stage_run
 
@@ -50,11 +52,15 @@ AIR_HU = -1024.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Command-line flags of the stage."""
-    parser.add_argument("--input", type=Path, required=True, metavar="DIR",
-                        help="dataset folder (VerSe / phantom layout, the paper's raw layout, or TotalSegmentator outputs)")
-    parser.add_argument("--grades", type=Path, metavar="FILE",
-                        help="Genant grades: the paper's JSON (its split is used) or a case,vertebra,grade CSV; "
-                             "default: the phantom truth where present")
+    parser.add_argument("--input", required=True, metavar="DIR|S3URI",
+                        help="dataset folder or s3://bucket/prefix (VerSe / phantom layout, the paper's raw layout, "
+                             "or TotalSegmentator outputs)")
+    parser.add_argument("--grades", metavar="FILE|S3URI",
+                        help="Genant grades: the paper's JSON (its split is used) or a case,vertebra,grade CSV, as a "
+                             "path or s3:// URI; default: the phantom truth where present")
+    parser.add_argument("--download-cache", type=Path, metavar="DIR",
+                        help="where s3:// inputs are downloaded (kept: unchanged objects are not fetched again); "
+                             "default: a temporary folder")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (replaced whole)")
     add_params_arguments(parser)
     add_metrics_argument(parser)
@@ -178,8 +184,7 @@ def _attach_grades(rows: pd.DataFrame, grades: pd.DataFrame | None, params: Prep
     if grades is not None:
         keyed = grades.set_index(["case", "vertebra"])["grade"]
         # Grade files key scans by case id, or by patient (VerSe'20 scans are named sub-x_dir-ax).
-        known = set(grades["case"].astype(str))
-        keys = rows["case"].astype(str).map(lambda case: case if case in known else patient_of(case))
+        keys = _grade_keys(rows["case"], grades)
         index = pd.MultiIndex.from_arrays([keys, rows["vertebra"].astype(int)])
         rows["grade"] = pd.array(keyed.reindex(index).to_numpy(), dtype="Int64")
         split_source = grades
@@ -192,11 +197,73 @@ def _attach_grades(rows: pd.DataFrame, grades: pd.DataFrame | None, params: Prep
     return rows
 
 
-def run(params: Params, input_dir: Path, out: Path, grades_path: Path | None = None) -> dict[str, float]:
-    """Preprocess a dataset into ``out`` (written atomically); returns the stage metrics."""
+def _grade_keys(cases: pd.Series, grades: pd.DataFrame) -> pd.Series:
+    """The key each case has in the grades file: its own id, else its patient's (VerSe'20 scans)."""
+    known = set(grades["case"].astype(str))
+    return cases.astype(str).map(lambda case: case if case in known else patient_of(case))
+
+
+def check_grades_match(grades: pd.DataFrame, grades_path: Path, case_ids: list[str]) -> None:
+    """Refuse a grades file that grades none of the dataset's cases (checked before any case is read).
+
+    Raises:
+        InputDataError: no graded case is in the dataset.
+    """
+    keys = set(_grade_keys(pd.Series(case_ids, dtype="string"), grades))
+    graded = set(grades["case"].astype(str))
+    if not keys & graded:
+        raise InputDataError(grades_path, f"grades none of the {len(case_ids)} case(s) of the dataset",
+                             f"it keys cases like '{sorted(graded)[0]}', the dataset has '{case_ids[0]}'")
+    absent = graded - keys
+    if absent:
+        log.warning("%s: %d graded case(s) are not in the dataset (e.g. %s)", grades_path, len(absent),
+                    sorted(absent)[0])
+
+
+def check_graded_vertebrae(grades: pd.DataFrame, grades_path: Path, found: pd.DataFrame) -> None:
+    """Refuse grades for vertebrae that a graded case's label map does not hold.
+
+    Args:
+        grades: the grades file's rows.
+        grades_path: the grades file (for the message).
+        found: ``case``, ``vertebra`` of every vertebra in the label maps (cropped or skipped).
+
+    Raises:
+        InputDataError: a grade names a vertebra missing from its case's label map.
+    """
+    present = set(zip(_grade_keys(found["case"], grades), found["vertebra"].astype(int)))
+    in_data = {case for case, _ in present}
+    for row in grades.itertuples(index=False):
+        if str(row.case) in in_data and (str(row.case), int(row.vertebra)) not in present:
+            raise InputDataError(grades_path, f"grades vertebra {vertebra_name(int(row.vertebra))} ({row.vertebra}) "
+                                              f"of case '{row.case}', which its label map does not hold",
+                                 "check that the grades file belongs to this dataset")
+
+
+def run(params: Params, input_dir: str | Path, out: Path, grades_path: str | Path | None = None,
+        download_cache: Path | None = None) -> dict[str, float]:
+    """Preprocess a dataset into ``out`` (written atomically); returns the stage metrics.
+
+    Args:
+        params: all parameters (``preprocess`` is used).
+        input_dir: dataset folder, or an ``s3://`` prefix downloaded into ``download_cache`` first.
+        out: output folder, replaced whole.
+        grades_path: grades file (path or ``s3://`` URI), or ``None`` for the phantom truth.
+        download_cache: where ``s3://`` inputs are downloaded (default: a temporary folder).
+
+    Raises:
+        InputDataError: the dataset or grades are missing, empty or do not match each other.
+    """
+    if download_cache is None and (is_s3_uri(input_dir) or (grades_path is not None and is_s3_uri(grades_path))):
+        with tempfile.TemporaryDirectory(prefix="healthivert-download-") as scratch:
+            return run(params, input_dir, out, grades_path, Path(scratch))
     pp = params.preprocess
+    grades_file = local_copy(str(grades_path), download_cache, folder=False) if grades_path is not None else None
+    grades = read_grades(grades_file) if grades_file is not None else None
+    input_dir = local_copy(str(input_dir), download_cache, folder=True)
     cases = discover_cases(input_dir)
-    grades = read_grades(grades_path) if grades_path is not None else None
+    if grades is not None:
+        check_grades_match(grades, grades_file, [c.case_id for c in cases])
     start = time.perf_counter()
     rows: list[dict[str, object]] = []
     skipped: list[dict[str, object]] = []
@@ -211,6 +278,9 @@ def run(params: Params, input_dir: Path, out: Path, grades_path: Path | None = N
             errors += result.height_errors
         if not rows:
             raise InputDataError(input_dir, "no vertebra could be cropped", "see the warnings above for the reasons")
+        if grades is not None:
+            labelled = [item for item in skipped if item["reason"] != NOT_IN_LABEL_MAP]
+            check_graded_vertebrae(grades, grades_file, pd.DataFrame(rows + labelled, columns=["case", "vertebra"]))
         table = _attach_grades(pd.DataFrame(rows), grades, pp)
         for column, dtype in COLUMNS.items():
             if column not in table:
@@ -264,11 +334,13 @@ def overview_figure(out: Path, count: int = 6) -> Figure:
 def execute(args: argparse.Namespace) -> None:
     """Run the stage from parsed arguments."""
     params = params_from_args(args)
-    check_outputs(folders=[args.out], files=[args.metrics])
-    with stage_run("preprocess", params, ("preprocess",)) as tracker:
-        metrics = run(params, args.input, args.out, args.grades)
+    check_outputs(folders=[args.out, args.download_cache], files=[args.metrics])
+    with stage_run("preprocess", params, ("data", "preprocess")) as tracker:
+        metrics = run(params, args.input, args.out, args.grades, args.download_cache)
         tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
         tracker.log_artifact(args.out / "manifest.parquet")
+        manifest = read_manifest(args.out)[["case", "vertebra", "grade", "split"]]
+        tracker.log_dataset(manifest, str(args.input), Path(str(args.input).rstrip("/")).name, "preprocess")
         if tracker.active:
             tracker.log_figure(overview_figure(args.out), "preprocess/overview.png")
     write_metrics(args.metrics, metrics)

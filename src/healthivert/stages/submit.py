@@ -8,14 +8,16 @@ runs, with the same parameter validation and tracking.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -78,6 +80,65 @@ def run_step(command: Sequence[str], params_json: str, overrides: Sequence[str] 
     return metrics
 
 
+def import_dataset(dataset_uri: str, grades_uri: str, out: str | os.PathLike[str],
+                   grades_out: str | os.PathLike[str]) -> None:
+    """Bring a dataset and its grades into a step's artifacts, checking both before any training.
+
+    Args:
+        dataset_uri: dataset folder (e.g. on a mounted volume) or ``s3://`` prefix.
+        grades_uri: its grades file, path or ``s3://`` URI.
+        out: the dataset artifact's folder (filled with the dataset's files).
+        grades_out: the grades artifact's file.
+
+    Raises:
+        HealthiVertError: no grades given, a location missing or empty, no case found in the
+            dataset, an unreadable grades file.
+    """
+    from healthivert.io.grades import read_grades
+    from healthivert.io.layouts import discover_cases
+    from healthivert.io.remote import download_file, download_prefix, is_s3_uri
+
+    if not grades_uri:
+        raise ConfigError("grades_uri", f"no grades file given for the dataset {dataset_uri}",
+                          "the paper's JSON or a case,vertebra,grade CSV, as a path or s3:// URI")
+    with tempfile.TemporaryDirectory(prefix="healthivert-import-") as scratch:
+        grades = download_file(grades_uri, scratch) if is_s3_uri(grades_uri) else Path(grades_uri)
+        read_grades(grades)  # readable, grades 0-3, no vertebra twice
+        if is_s3_uri(dataset_uri):
+            shutil.move(download_prefix(dataset_uri, Path(scratch) / "dataset"), out)
+        elif not Path(dataset_uri).is_dir():
+            raise InputDataError(dataset_uri, "dataset folder not found")
+        else:
+            shutil.copytree(dataset_uri, out, dirs_exist_ok=True)
+        discover_cases(out)  # a known layout with at least one case
+        shutil.copyfile(grades, grades_out)
+
+
+@contextlib.contextmanager
+def checkpoint_folder(location: str, stage: str, interval_s: float = 30.0) -> Iterator[str]:
+    """The checkpoint folder of a training step, persisted at ``location`` when one is given.
+
+    Args:
+        location: ``s3://`` prefix (restored at the start, updated every ``interval_s`` and at the end),
+            a path on a mounted volume, or empty for a temporary folder that dies with the pod.
+        stage: sub-folder of ``location`` for this step (``train_coarse``).
+        interval_s: seconds between uploads to S3.
+    """
+    from healthivert.io.remote import is_s3_uri, mirrored_folder
+
+    if location and not is_s3_uri(location):
+        folder = Path(location) / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        yield str(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix="checkpoints-") as scratch:
+        if not location:
+            yield scratch
+            return
+        with mirrored_folder(scratch, f"{location.rstrip('/')}/{stage}", interval_s) as folder:
+            yield str(folder)
+
+
 def params_json(params: Params) -> str:
     """All parameters as one JSON line (a multi-line default would break the KFP file's header comment)."""
     return json.dumps(params.model_dump(mode="json"), sort_keys=False)
@@ -112,6 +173,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GPUs requested by train-coarse, train-fine and synthesize (0: none)")
     parser.add_argument("--mlflow-uri", default="", metavar="URI",
                         help="MLflow tracking URI reachable from the cluster (empty: no tracking)")
+    parser.add_argument("--checkpoints", default="", metavar="URI",
+                        help="where training steps keep their checkpoints, to resume after a lost pod: an s3:// prefix "
+                             "or a path on a mounted volume (default: inside the pod)")
 
 
 def execute(args: argparse.Namespace) -> None:
@@ -124,8 +188,10 @@ def execute(args: argparse.Namespace) -> None:
     check_outputs(files=[args.compile_only])
     module = load_pipeline_module(args.pipeline)
     build: Callable = module.build_pipeline
+    data = params.data
     pipeline = build(image=f"{args.image}:{args.tag}", gpus=args.gpus, params_json=params_json(params),
-                     mlflow_uri=args.mlflow_uri)
+                     mlflow_uri=args.mlflow_uri, dataset_uri="" if data.is_phantom else data.source,
+                     grades_uri="" if data.is_phantom else data.grades, checkpoint_uri=args.checkpoints)
     if args.compile_only:
         with atomic_path(args.compile_only) as tmp:
             compiler.Compiler().compile(pipeline, str(tmp))

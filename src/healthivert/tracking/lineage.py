@@ -1,7 +1,7 @@
 """Where a run's code and data come from: git commit, parameter digest and DVC data hashes.
 
 The data hash of a stage is read from DVC's own records, not recomputed: for every data dependency
-the stage declares in ``dvc.yaml``, the md5 that ``dvc.lock`` records for the upstream output that
+the stage declares in ``dvc.yaml`` (``${data.source}`` resolved from params.yaml), the md5 that ``dvc.lock`` records for the upstream output that
 holds it (for a file inside an output folder, its entry in the folder's cached listing). During
 ``dvc repro`` the upstream stages have already written their entries, so the hash names exactly
 the inputs the stage is about to read.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,9 @@ CODE_PREFIXES = ("src/",)
 CACHE_FILES = Path(".dvc") / "cache" / "files" / "md5"
 
 UNKNOWN = "unknown"
+#: folder of the dataset stages' own dvc.yaml files (their outputs' hashes are in the dvc.lock beside them,
+#: written relative to the project root).
+DATASET_STAGES = Path("datasets")
 
 
 def git_commit(root: Path) -> str:
@@ -118,6 +122,17 @@ def _input_hash(path: str, outputs: dict[str, str], root: Path) -> str:
     return UNKNOWN
 
 
+def _resolve(path: str, defaults: dict) -> str:
+    """``path`` with DVC's ``${section.key}`` placeholders filled from params.yaml (unresolvable: left as is)."""
+    def value(match: re.Match[str]) -> str:
+        node: object = defaults
+        for key in match[1].split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        return match[0] if node is None else str(node)
+
+    return re.sub(r"\$\{\s*([\w.]+)\s*\}", value, path)
+
+
 def dvc_lineage(stage: str, root: Path) -> DataLineage:
     """The data inputs of DVC stage ``stage`` (dashes allowed) and their recorded md5s.
 
@@ -132,10 +147,13 @@ def dvc_lineage(stage: str, root: Path) -> DataLineage:
     definition = (_read_yaml(root / "dvc.yaml").get("stages") or {}).get(name)
     if not definition:
         return DataLineage(stage=name)
-    outputs = _recorded_outputs(_read_yaml(root / "dvc.lock"))
+    outputs: dict[str, str] = {}
+    for lock in (root / "dvc.lock", *sorted((root / DATASET_STAGES).glob("*/dvc.lock"))):
+        outputs |= _recorded_outputs(_read_yaml(lock))
+    defaults = _read_yaml(root / "params.yaml")
     inputs = {}
     for dep in definition.get("deps") or []:
-        path = str(dep).rstrip("/")
+        path = _resolve(str(dep), defaults).rstrip("/")
         if not path.startswith(CODE_PREFIXES):
             inputs[path] = _input_hash(path, outputs, root)
     return DataLineage(stage=name, inputs=inputs)

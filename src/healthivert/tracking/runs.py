@@ -111,6 +111,26 @@ class StageTracker:
 
             mlflow.log_text(text, name)
 
+    def log_dataset(self, table: Any, source: str, name: str, context: str) -> None:
+        """Record the dataset a stage read as an MLflow dataset input: its source URI, name and a digest.
+
+        Args:
+            table: a pandas table describing it (e.g. case, vertebra, grade, split per vertebra).
+            source: where it came from (a folder or ``s3://`` prefix).
+            name: its display name.
+            context: how the stage used it (``preprocess``).
+        """
+        if self.active:
+            import warnings
+
+            import mlflow
+
+            # a local path fits two of MLflow's source types (it takes the first); integer columns draw a
+            # hint meant for model signatures
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                mlflow.log_input(mlflow.data.from_pandas(table, source=source, name=name), context=context)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set run tags."""
         if self.active:
