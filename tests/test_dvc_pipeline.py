@@ -140,7 +140,7 @@ def test_dvc_accepts_the_pipeline() -> None:
 
 # ------------------------------------------------------------------------------- a real DVC project
 TINY = {
-    "phantom": {"cases": 2, "vertebrae_per_case": [3, 3], "seed": 3},
+    "phantom": {"cases": 2, "vertebrae_per_case": [3, 3], "seed": 3, "real_shapes": []},
     "preprocess": {"crop_shape": [64, 64, 16]},
 }
 

@@ -162,7 +162,8 @@ def test_dataset_loads_back_with_truth_and_centroids(phantom_root: Path) -> None
     cases = discover_cases(phantom_root)
     assert [c.case_id for c in cases] == ["sub-phantom000", "sub-phantom001", "sub-phantom002"]
     grades = pd.read_csv(phantom_root / "grades.csv")
-    assert list(grades.columns) == ["case", "vertebra", "grade"]
+    assert list(grades.columns) == ["case", "vertebra", "grade", "split"]
+    assert grades["split"].isna().all()  # drawn cases are split by patient in preprocess
     for index, files in enumerate(cases):
         loaded = load_case(files, spacing_mm=1.0)
         original = generate_case(case_rng(SMALL_PHANTOM.seed, index), SMALL_PHANTOM, case_id=files.case_id)
@@ -189,7 +190,8 @@ def test_phantom_stage_writes_the_layout(tmp_path: Path) -> None:
     phantom_stage.add_arguments(parser)
     phantom_stage.execute(parser.parse_args([
         "--out", str(out), "--cases", "2", "--seed", "5", "--params", str(REPO / "params.yaml"),
-        "--set", "phantom.vertebrae_per_case=[3, 3]", "--set", "tracking.enabled=false", "--metrics", str(metrics)]))
+        "--set", "phantom.vertebrae_per_case=[3, 3]", "--set", "phantom.real_shapes=[]",
+        "--set", "tracking.enabled=false", "--metrics", str(metrics)]))
     for case in ("sub-phantom000", "sub-phantom001"):
         assert (out / "rawdata" / case / f"{case}_ct.nii.gz").is_file()
         assert (out / "derivatives" / case / f"{case}_seg-vert_msk.nii.gz").is_file()
