@@ -135,3 +135,15 @@ def test_straight_coordinates_agree_with_the_nearest_point_search(shared_data: P
     voxels = np.stack(np.meshgrid(*(np.arange(a, b)[::7] for a, b in zip(lo, hi)), indexing="ij"), axis=-1)
     exact = spine.map.to_straight(voxels.reshape(-1, 3)).T.reshape(fast.shape)
     assert np.percentile(np.abs(fast - exact), 99) < 0.5
+
+
+@pytest.mark.parametrize("sources, problem", [
+    ([{"name": "a", "mask": "a.nii.gz"}, {"name": "a", "mask": "b.nii.gz"}], "names must be distinct"),
+    ([{"name": "no_underscores", "mask": "a.nii.gz"}], "should match pattern"),
+    ([{"name": "a", "mask": "a.nii.gz", "split": "holdout"}], "'train', 'val' or 'test'"),
+])
+def test_bad_real_shape_sources_are_refused(sources: list[dict[str, str]], problem: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=problem):
+        PhantomParams.model_validate({"real_shapes": sources})
