@@ -164,7 +164,7 @@ def test_the_dataset_is_a_setting() -> None:
 
 # ------------------------------------------------------------------------------- a real DVC project
 TINY = {
-    "phantom": {"cases": 2, "vertebrae_per_case": [3, 3], "seed": 3},
+    "phantom": {"cases": 2, "vertebrae_per_case": [3, 3], "seed": 3, "real_shapes": []},
     "preprocess": {"crop_shape": [64, 64, 16]},
 }
 

@@ -11,7 +11,8 @@ import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score
 
 from healthivert.evaluation.generation import MAX_PSNR_DB, dice, generation_scores
-from healthivert.evaluation.grading import bootstrap_scores, confusion_stack, macro_scores
+from healthivert.evaluation.grading import bootstrap_scores, confusion_stack, macro_scores, paired_bootstrap_difference
+from healthivert.stages.evaluate import comparison_sentence
 from test_rhlv_stage import NO_PARAMS, main, write_crops, write_synthesis
 
 
@@ -40,6 +41,35 @@ def test_bootstrap_intervals_resample_patients() -> None:
     independent = bootstrap_scores([f"q{i}" for i in range(160)], y_true, noisy_pred, resamples=500, seed=2)["macro_f1"]
     assert (noisy.high - noisy.low) >= 0.8 * (independent.high - independent.low)
     assert np.isnan(bootstrap_scores(cases, y_true, y_true, resamples=0)["macro_f1"].low)
+
+
+def test_paired_bootstrap_of_the_difference_resamples_patients_together() -> None:
+    rng = np.random.default_rng(2)
+    cases = [f"p{i // 8}" for i in range(160)]
+    y_true = rng.choice(4, size=160, p=[0.6, 0.2, 0.12, 0.08])
+    noisy = np.where(rng.random(160) < 0.3, (y_true + 1) % 4, y_true)
+    same = paired_bootstrap_difference(cases, y_true, noisy, noisy, resamples=200)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    better = paired_bootstrap_difference(cases, y_true, y_true, noisy, resamples=200)
+    f1 = bootstrap_scores(cases, y_true, noisy, resamples=200)["macro_f1"]
+    assert better.value == pytest.approx(1.0 - f1.value)
+    assert 0.0 < better.low <= better.value <= better.high
+    # paired: narrower than the two methods' own intervals side by side
+    assert better.high - better.low < (f1.high - f1.low) + 1e-12
+    worse = paired_bootstrap_difference(cases, y_true, noisy, y_true, resamples=200)
+    assert worse.high < 0.0
+
+
+def test_comparison_sentence_states_the_paired_difference() -> None:
+    metrics = {"grading_gan_n": 90.0, "grading_gan_macro_f1": 0.95, "grading_gan_macro_f1_ci_low": 0.9,
+               "grading_gan_macro_f1_ci_high": 0.99, "grading_baseline_macro_f1": 0.8,
+               "grading_baseline_macro_f1_ci_low": 0.7, "grading_baseline_macro_f1_ci_high": 0.92,
+               "grading_gan_minus_baseline_macro_f1": 0.15, "grading_gan_minus_baseline_macro_f1_ci_low": 0.05,
+               "grading_gan_minus_baseline_macro_f1_ci_high": 0.25}
+    sentence = comparison_sentence(metrics, "test")
+    assert "difference GAN - baseline is +0.15 (95 % CI +0.05 to +0.25): the GAN is better." in sentence
+    metrics["grading_gan_minus_baseline_macro_f1_ci_low"] = -0.02
+    assert "includes 0, so the difference is not conclusive" in comparison_sentence(metrics, "test")
 
 
 def test_generation_scores_of_a_perfect_and_a_short_synthesis() -> None:
@@ -104,6 +134,10 @@ def test_evaluate_writes_metrics_plots_and_report(pipeline: dict[str, Path], tmp
     assert metrics["grading_gan_macro_f1"] >= 0.9
     assert metrics["grading_gan_macro_f1_ci_low"] <= metrics["grading_gan_macro_f1"] <= metrics["grading_gan_macro_f1_ci_high"]
     assert "grading_baseline_macro_f1" in metrics
+    low, high = metrics["grading_gan_minus_baseline_macro_f1_ci_low"], metrics["grading_gan_minus_baseline_macro_f1_ci_high"]
+    assert low <= metrics["grading_gan_minus_baseline_macro_f1"] <= high
+    assert metrics["source_drawn_grading_gan_n"] == metrics["grading_gan_n"]  # the fixture's cases are all drawn
+    assert metrics["source_drawn_rhlv_mae_ant"] == metrics["rhlv_mae_ant"]
     # a perfect synthesis (the healthy truth) scores perfectly against the healthy truth
     assert metrics["generation_healthy_dice"] == 1.0 and metrics["generation_healthy_height_error_mm"] == 0.0
     assert metrics["generation_fractured_dice"] == 1.0

@@ -162,13 +162,15 @@ def test_dataset_loads_back_with_truth_and_centroids(phantom_root: Path) -> None
     cases = discover_cases(phantom_root)
     assert [c.case_id for c in cases] == ["sub-phantom000", "sub-phantom001", "sub-phantom002"]
     grades = pd.read_csv(phantom_root / "grades.csv")
-    assert list(grades.columns) == ["case", "vertebra", "grade"]
+    assert list(grades.columns) == ["case", "vertebra", "grade", "split"]
+    assert grades["split"].isna().all()  # drawn cases are split by patient in preprocess
     for index, files in enumerate(cases):
         loaded = load_case(files, spacing_mm=1.0)
         original = generate_case(case_rng(SMALL_PHANTOM.seed, index), SMALL_PHANTOM, case_id=files.case_id)
         assert loaded.labels.orientation == ("I", "P", "L") and np.allclose(loaded.labels.spacing_mm, 1.0)
         assert loaded.vertebrae == original.truth["vertebra"].tolist()
-        pd.testing.assert_frame_equal(loaded.truth, original.truth, check_exact=False, atol=1e-3)
+        assert set(loaded.truth["source"]) == {"drawn"}
+        pd.testing.assert_frame_equal(loaded.truth.drop(columns="source"), original.truth, check_exact=False, atol=1e-3)
         assert grades[grades["case"] == files.case_id]["grade"].tolist() == original.truth["grade"].tolist()
         com_loaded = ndimage.center_of_mass(np.ones_like(loaded.labels.array), loaded.labels.array, loaded.vertebrae)
         com_original = ndimage.center_of_mass(np.ones_like(original.labels.array), original.labels.array, loaded.vertebrae)
@@ -189,7 +191,8 @@ def test_phantom_stage_writes_the_layout(tmp_path: Path) -> None:
     phantom_stage.add_arguments(parser)
     phantom_stage.execute(parser.parse_args([
         "--out", str(out), "--cases", "2", "--seed", "5", "--params", str(REPO / "params.yaml"),
-        "--set", "phantom.vertebrae_per_case=[3, 3]", "--set", "tracking.enabled=false", "--metrics", str(metrics)]))
+        "--set", "phantom.vertebrae_per_case=[3, 3]", "--set", "phantom.real_shapes=[]",
+        "--set", "tracking.enabled=false", "--metrics", str(metrics)]))
     for case in ("sub-phantom000", "sub-phantom001"):
         assert (out / "rawdata" / case / f"{case}_ct.nii.gz").is_file()
         assert (out / "derivatives" / case / f"{case}_seg-vert_msk.nii.gz").is_file()

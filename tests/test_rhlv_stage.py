@@ -90,7 +90,7 @@ def write_crops(root: Path, vertebrae: list[tuple[str, str, int, tuple[float, fl
             "healthy_ct_path": f"healthy_ct/{name}.nii.gz", "healthy_label_path": f"healthy_label/{name}.nii.gz",
             "spacing_mm": 1.0, "hu_lo": -300.0, "hu_hi": 1200.0, "above": vertebra - 1, "below": vertebra + 1,
             "center_row": TOPS[1] + BODY_ROWS // 2, "top_row": TOPS[1], "bottom_row": TOPS[1] + BODY_ROWS - 1,
-            "source_layout": "verse",
+            "source_layout": "verse", "source": "drawn",
             **{f"truth_h_{t}_mm": float(BODY_ROWS * (1 - truth[i])) for i, t in enumerate(("ant", "mid", "post"))},
             **{f"truth_healthy_h_{t}_mm": float(BODY_ROWS) for t in ("ant", "mid", "post")},
             **{f"truth_loss_{t}": float(truth[i]) for i, t in enumerate(("ant", "mid", "post"))},

@@ -45,8 +45,23 @@ class Section(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- data
+class RealShapeSource(Section):
+    """A real vertebra label map whose spine some phantom cases take instead of a drawn one.
+
+    Each of its ``cases`` renders the real bodies (endplates, waist, size, tilt) with the phantom's
+    tissue model, after a small affine jitter, with its own random fractures. All its cases belong to
+    one patient, ``sub-<name>`` (so they share a split), ``split`` when given.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9]+$")
+    mask: Path
+    label_scheme: Literal["auto", "verse", "totalseg"] = "auto"
+    cases: int = Field(1, ge=1)
+    split: Literal["train", "val", "test"] | None = None
+
+
 class PhantomParams(Section):
-    """Synthetic spine CT generator (the default dataset)."""
+    """Synthetic spine CT generator (the default dataset): drawn spines, and real spines with drawn fractures."""
 
     cases: int = Field(24, ge=1)
     seed: int = 0
@@ -58,6 +73,11 @@ class PhantomParams(Section):
     normal_deformity_share: float = Field(0.4, ge=0.0, le=1.0)
     fov_mm: tuple[float, float] = (170.0, 130.0)
     orientations: tuple[str, ...] = Field(("RAS", "LPS", "PIR", "IPL", "LAS"), min_length=1)
+    #: real label maps rendered as further cases, after the drawn ones
+    real_shapes: tuple[RealShapeSource, ...] = ()
+    #: per real-shape case: largest rotation about each axis (degrees) and the range of its isotropic scale
+    real_rotation_deg: float = Field(4.0, ge=0.0, le=20.0)
+    real_scale_range: tuple[float, float] = (0.95, 1.05)
 
     @field_validator("orientations")
     @classmethod
@@ -76,6 +96,11 @@ class PhantomParams(Section):
             raise ValueError("grade_weights must be non-negative with a positive sum")
         if not 0.0 < self.spacing_mm_range[0] <= self.spacing_mm_range[1]:
             raise ValueError("spacing_mm_range must be (min, max) with 0 < min <= max")
+        if not 0.0 < self.real_scale_range[0] <= self.real_scale_range[1]:
+            raise ValueError("real_scale_range must be (min, max) with 0 < min <= max")
+        names = [source.name for source in self.real_shapes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"real_shapes names must be distinct, got {names}")
         return self
 
 

@@ -39,6 +39,7 @@ COLUMNS: dict[str, str] = {
     "top_row": "int64",
     "bottom_row": "int64",
     "source_layout": "string",
+    "source": "string",
     "truth_h_ant_mm": "float64",
     "truth_h_mid_mm": "float64",
     "truth_h_post_mm": "float64",

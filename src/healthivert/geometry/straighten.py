@@ -26,7 +26,7 @@ import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
-from scipy import interpolate, ndimage
+from scipy import interpolate, ndimage, spatial
 
 #: rows resampled per call of ``map_coordinates`` (bounds the memory of the coordinate arrays).
 _CHUNK_ROWS = 48
@@ -113,8 +113,7 @@ class StraightenMap:
         """
         voxels = np.atleast_2d(np.asarray(voxels, dtype=np.float64))
         positions = voxels * np.asarray(self.input_spacing_mm)
-        distance = np.linalg.norm(positions[:, None, :] - self.points_mm[None, :, :], axis=2)
-        nearest = np.argmin(distance, axis=1)
+        _, nearest = spatial.cKDTree(self.points_mm).query(positions)
         offset = positions - self.points_mm[nearest]
         row = nearest + np.einsum("ij,ij->i", offset, self.tangents[nearest]) / self.spacing_mm
         col = self.centre[0] + np.einsum("ij,ij->i", offset, self.ap_axes[nearest]) / self.spacing_mm

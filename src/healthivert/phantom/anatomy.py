@@ -24,7 +24,7 @@ NORMAL_MAX_LOSS = 0.09
 FRACTURE_TYPE_WEIGHTS: dict[str, float] = {"wedge": 0.5, "biconcave": 0.3, "crush": 0.2}
 
 # Share of the deformation taken from the superior endplate (the rest from the inferior one).
-_TOP_SHARE: dict[str, float] = {"none": 1.0, "wedge": 1.0, "biconcave": 0.5, "crush": 0.65}
+TOP_SHARE: dict[str, float] = {"none": 1.0, "wedge": 1.0, "biconcave": 0.5, "crush": 0.65}
 _SUPERELLIPSE = 2.6  # exponent of the body's cross-section (2: ellipse, larger: squarer)
 _EDGE_START = 0.75  # normalised radius where the rim of the body starts to round off
 _EDGE_MIN = 0.55  # height at the rim, relative to the centre
@@ -136,7 +136,7 @@ def body_bounds(v: np.ndarray, w: np.ndarray, spec: VertebraSpec, fractured: boo
     top, bottom = -height / 2.0, height / 2.0
     if fractured and spec.fracture.scale > 0.0:
         lost = height * spec.fracture.scale * deformation_shape(v, w, spec)
-        share = _TOP_SHARE[spec.fracture.shape_kind]
+        share = TOP_SHARE[spec.fracture.shape_kind]
         top, bottom = top + share * lost, bottom - (1.0 - share) * lost
     return top, bottom
 

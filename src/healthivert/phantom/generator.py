@@ -19,13 +19,14 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
-from healthivert.config import PhantomParams
+from healthivert.config import PhantomParams, RealShapeSource
 from healthivert.io.atomic import atomic_dir, atomic_path
 from healthivert.io.case import TRUTH_COLUMNS
 from healthivert.io.centroids import centroids_from_labels, write_centroids
 from healthivert.io.nifti import Volume, save_volume
 from healthivert.io.resample import reorient
 from healthivert.phantom.anatomy import VertebraSpec, genant_grade, third_heights
+from healthivert.phantom.real import generate_real_case, load_real_spine
 from healthivert.phantom.render import render_spine
 from healthivert.phantom.spine import SpineLayout, sample_spine
 
@@ -43,8 +44,9 @@ class PhantomCase:
         healthy_ct: HU of the fracture-free twin.
         healthy_labels: its labels.
         truth: one row per vertebra, columns :data:`healthivert.io.case.TRUTH_COLUMNS`.
-        layout: the analytic spine the volumes were drawn from.
+        layout: the analytic spine the volumes were drawn from (``None`` for a real-shape case).
         storage_orientation: axis codes the files are written in, e.g. ``"LPS"``.
+        source: ``drawn`` or ``real-shape`` (the spine of a real label map), written with the truth.
     """
 
     case_id: str
@@ -53,12 +55,13 @@ class PhantomCase:
     healthy_ct: Volume
     healthy_labels: Volume
     truth: pd.DataFrame
-    layout: SpineLayout
+    layout: SpineLayout | None
     storage_orientation: str
+    source: str = "drawn"
 
     def __repr__(self) -> str:
         grades = self.truth["grade"].value_counts().sort_index().to_dict()
-        return (f"PhantomCase({self.case_id}, shape={self.ct.shape}, spacing_mm={tuple(round(s, 2) for s in self.ct.spacing_mm)}, "
+        return (f"PhantomCase({self.case_id}, {self.source}, shape={self.ct.shape}, spacing_mm={tuple(round(s, 2) for s in self.ct.spacing_mm)}, "
                 f"stored={self.storage_orientation}, grades={grades})")
 
 
@@ -115,6 +118,26 @@ def generate_case(rng: np.random.Generator, params: PhantomParams, case_id: str 
     )
 
 
+def real_shape_case(rng: np.random.Generator, params: PhantomParams, source: RealShapeSource, spine_labels: Volume,
+                    case_id: str) -> PhantomCase:
+    """One case from a real spine (see :mod:`healthivert.phantom.real`): noise, grid and storage as a drawn case's."""
+    rendered, truth, spacing = generate_real_case(rng, params, source, spine_labels, case_id)
+    noise = rng.standard_normal(rendered.ct.shape, dtype=np.float32) * np.float32(params.noise_hu)
+    shape = rendered.ct.shape
+    affine = ipl_affine(spacing, origin_mm=np.array([shape[2] * spacing[2] / 2, shape[1] * spacing[1] / 2, 0.0]))
+    return PhantomCase(
+        case_id=case_id,
+        ct=Volume(rendered.ct + noise, affine),
+        labels=Volume(rendered.labels, affine),
+        healthy_ct=Volume(rendered.healthy_ct + noise, affine),
+        healthy_labels=Volume(rendered.healthy_labels, affine),
+        truth=truth,
+        layout=None,
+        storage_orientation=str(rng.choice(list(params.orientations))),
+        source="real-shape",
+    )
+
+
 def _stored(volume: Volume, orientation: str, dtype: type) -> Volume:
     stored = reorient(volume, orientation)
     array = np.rint(stored.array) if np.dtype(dtype).kind == "i" else stored.array
@@ -129,7 +152,8 @@ def write_case(case: PhantomCase, root: str | os.PathLike[str]) -> dict[str, Pat
     """
     root = Path(root)
     cid = case.case_id
-    raw, derivatives, truth = root / "rawdata" / cid, root / "derivatives" / cid, root / "truth" / cid
+    subject = cid.split("_")[0]
+    raw, derivatives, truth = root / "rawdata" / subject, root / "derivatives" / subject, root / "truth" / subject
     orientation = case.storage_orientation
     mask = _stored(case.labels, orientation, np.uint8)
     paths = {
@@ -140,7 +164,7 @@ def write_case(case: PhantomCase, root: str | os.PathLike[str]) -> dict[str, Pat
         "healthy_mask": save_volume(truth / f"{cid}_healthy-msk.nii.gz", _stored(case.healthy_labels, orientation, np.uint8)),
     }
     with atomic_path(truth / f"{cid}_heights.csv") as tmp:
-        case.truth.to_csv(tmp, index=False, float_format="%.4f")
+        case.truth.assign(source=case.source).to_csv(tmp, index=False, float_format="%.4f")
     paths["heights"] = truth / f"{cid}_heights.csv"
     return paths
 
@@ -150,30 +174,59 @@ def case_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
 
 
+def _planned_cases(params: PhantomParams) -> list[tuple[str, RealShapeSource | None, np.random.Generator]]:
+    """Every case of the dataset: its id, its real-shape source (``None`` when drawn) and its random generator.
+
+    Drawn cases are ``sub-phantomNNN``; the cases of a real spine are ``sub-<name>_run-NNN``, one patient.
+    """
+    planned: list[tuple[str, RealShapeSource | None, np.random.Generator]] = [
+        (f"sub-phantom{index:03d}", None, case_rng(params.seed, index)) for index in range(params.cases)]
+    for number, source in enumerate(params.real_shapes, start=1):
+        planned += [(f"sub-{source.name}_run-{run:03d}", source, np.random.default_rng([params.seed, number, run]))
+                    for run in range(source.cases)]
+    return planned
+
+
 def write_dataset(out: str | os.PathLike[str], params: PhantomParams) -> dict[str, float]:
-    """Generate ``params.cases`` cases and write them, with ``grades.csv`` and ``params.yaml``, as one atomic folder.
+    """Generate the drawn and the real-shape cases and write them, with ``grades.csv`` and ``params.yaml``, as one atomic folder.
+
+    ``grades.csv`` has columns ``case, vertebra, grade, split``; ``split`` is set for the cases of a
+    real-shape source with a fixed split (all cases of one source spine share it) and empty otherwise.
 
     Returns:
-        Summary metrics: cases, vertebrae, fractures per grade, mean generation seconds per case.
+        Summary metrics: cases, vertebrae, fractures per grade, mean generation seconds per case, and the
+        cases and vertebrae of each source (``drawn``, ``real_shape``).
+
+    Raises:
+        InputDataError: a real-shape label map is missing or unusable (before anything is written).
     """
     out = Path(out)
+    spines = {source.name: load_real_spine(source) for source in params.real_shapes}
     grades = []
     seconds = []
     with atomic_dir(out) as tmp:
-        for index in tqdm(range(params.cases), desc="phantom", unit="case", disable=None):
+        for case_id, source, rng in tqdm(_planned_cases(params), desc="phantom", unit="case", disable=None):
             start = time.perf_counter()
-            case = generate_case(case_rng(params.seed, index), params, case_id=f"sub-phantom{index:03d}")
+            if source is None:
+                case = generate_case(rng, params, case_id=case_id)
+            else:
+                case = real_shape_case(rng, params, source, spines[source.name], case_id)
             seconds.append(time.perf_counter() - start)
             write_case(case, tmp)
             logger.debug("%r", case)
-            grades.append(case.truth[["vertebra", "grade"]].assign(case=case.case_id))
-        table = pd.concat(grades, ignore_index=True)[["case", "vertebra", "grade"]]
-        table.to_csv(tmp / "grades.csv", index=False)
+            split = source.split if source is not None else None
+            grades.append(case.truth[["vertebra", "grade"]].assign(case=case.case_id, split=split, source=case.source))
+        table = pd.concat(grades, ignore_index=True)
+        table[["case", "vertebra", "grade", "split"]].to_csv(tmp / "grades.csv", index=False)
         (tmp / "params.yaml").write_text(yaml.safe_dump({"phantom": params.model_dump(mode="json")}, sort_keys=False))
     counts = table["grade"].value_counts()
-    metrics = {"cases": float(params.cases), "vertebrae": float(len(table)),
+    metrics = {"cases": float(table["case"].nunique()), "vertebrae": float(len(table)),
                "seconds_per_case": float(np.mean(seconds))}
     metrics |= {f"grade_{g}": float(counts.get(g, 0)) for g in range(4)}
-    logger.info("%s: %d cases, %d vertebrae, grades %s", out, params.cases, len(table),
-                {g: int(counts.get(g, 0)) for g in range(4)})
+    for source_name in ("drawn", "real-shape"):
+        rows = table[table["source"] == source_name]
+        key = source_name.replace("-", "_")
+        metrics |= {f"{key}_cases": float(rows["case"].nunique()), f"{key}_vertebrae": float(len(rows))}
+    logger.info("%s: %d cases (%d real-shape), %d vertebrae, grades %s", out, int(metrics["cases"]),
+                int(metrics["real_shape_cases"]), len(table), {g: int(counts.get(g, 0)) for g in range(4)})
     return metrics

@@ -75,7 +75,29 @@ class _Posterior:
         return self.canal_centre + self.canal_ap + self.lamina + self.spinous_length + 2.0
 
 
-def _texture(points: tuple[np.ndarray, np.ndarray, np.ndarray], waves: np.ndarray) -> np.ndarray:
+def soft_tissue(shape: tuple[int, int, int], spacing_mm: tuple[float, float, float],
+                fov_mm: tuple[float, float]) -> np.ndarray:
+    """HU of the tissue around the spine on an ``IPL`` grid: an elliptic body outline filling the
+    axial field of view ``fov_mm`` (AP, LR; air outside), a fat layer under its skin, soft tissue
+    inside; constant along z."""
+    y = np.arange(shape[1]) * spacing_mm[1]
+    x = np.arange(shape[2]) * spacing_mm[2]
+    cy, cx = fov_mm[0] / 2, fov_mm[1] / 2
+    ry, rx = cy - 4.0, cx - 3.0
+    radius = np.sqrt(((y[:, None] - cy) / ry) ** 2 + ((x[None, :] - cx) / rx) ** 2)
+    inner = np.sqrt(((y[:, None] - cy) / (ry - _FAT_LAYER_MM)) ** 2 + ((x[None, :] - cx) / (rx - _FAT_LAYER_MM)) ** 2)
+    plane = np.where(radius > 1.0, AIR_HU, np.where(inner > 1.0, FAT_HU, SOFT_TISSUE_HU)).astype(np.float32)
+    return np.broadcast_to(plane, shape).copy()
+
+
+def texture_waves(rng: np.random.Generator) -> np.ndarray:
+    """Eight random plane waves ``(kz, ky, kx, phase)`` of 2.5-5 mm wavelength for :func:`trabecular_texture`."""
+    waves = np.c_[rng.normal(0.0, 1.0, (8, 3)), rng.uniform(0, 2 * np.pi, 8)]
+    waves[:, :3] *= (2 * np.pi / rng.uniform(2.5, 5.0, 8) / np.linalg.norm(waves[:, :3], axis=1))[:, None]
+    return waves
+
+
+def trabecular_texture(points: tuple[np.ndarray, np.ndarray, np.ndarray], waves: np.ndarray) -> np.ndarray:
     """Trabecular-like texture in ``[-1, 1]``: a sum of plane waves of world position (mm)."""
     z, y, x = points
     total = np.zeros(np.broadcast_shapes(z.shape, y.shape, x.shape), dtype=np.float32)
@@ -146,18 +168,9 @@ def render_spine(layout: SpineLayout, spacing_mm: tuple[float, float, float], rn
     """
     spacing = np.asarray(spacing_mm, dtype=np.float64)
     shape = tuple(int(np.ceil(f / s)) for f, s in zip(layout.fov_mm, spacing))
-    # Soft tissue: an elliptic body outline with a fat layer, constant along z.
-    y = np.arange(shape[1]) * spacing[1]
-    x = np.arange(shape[2]) * spacing[2]
-    cy, cx = layout.fov_mm[1] / 2, layout.fov_mm[2] / 2
-    ry, rx = cy - 4.0, cx - 3.0
-    radius = np.sqrt(((y[:, None] - cy) / ry) ** 2 + ((x[None, :] - cx) / rx) ** 2)
-    inner = np.sqrt(((y[:, None] - cy) / (ry - _FAT_LAYER_MM)) ** 2 + ((x[None, :] - cx) / (rx - _FAT_LAYER_MM)) ** 2)
-    plane = np.where(radius > 1.0, AIR_HU, np.where(inner > 1.0, FAT_HU, SOFT_TISSUE_HU)).astype(np.float32)
-    ct = np.broadcast_to(plane, shape).copy()
+    ct = soft_tissue(shape, spacing_mm, layout.fov_mm[1:])
     labels = np.zeros(shape, dtype=np.uint8)
-    waves = np.c_[rng.normal(0.0, 1.0, (8, 3)), rng.uniform(0, 2 * np.pi, 8)]
-    waves[:, :3] *= (2 * np.pi / rng.uniform(2.5, 5.0, 8) / np.linalg.norm(waves[:, :3], axis=1))[:, None]
+    waves = texture_waves(rng)
 
     specs = [layout.context[0], *layout.vertebrae, layout.context[-1]]
     labelled = {spec.vertebra for spec in layout.vertebrae}
@@ -192,7 +205,7 @@ def render_spine(layout: SpineLayout, spacing_mm: tuple[float, float, float], rn
         box = _Box(spec.centre_mm, spec.axes, extent, spacing, shape)
         if box.empty:
             continue
-        texture = _texture(box.world, waves)
+        texture = trabecular_texture(box.world, waves)
         trabecular = spec.density_hu + 45.0 * texture
         posterior = _posterior_elements(box, spec, post)
         posterior_hu = POSTERIOR_HU + 80.0 * texture

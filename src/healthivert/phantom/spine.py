@@ -108,7 +108,7 @@ class SpineLayout:
     shell_mm: float
 
 
-def _draw_fracture(rng: np.random.Generator, params: PhantomParams) -> tuple[Fracture, float]:
+def draw_fracture(rng: np.random.Generator, params: PhantomParams) -> tuple[Fracture, float]:
     """A fracture (or none, possibly with a natural deformity) and its target max loss."""
     if rng.random() < params.fracture_share:
         weights = np.asarray(params.grade_weights, dtype=float)
@@ -163,7 +163,7 @@ def sample_spine(rng: np.random.Generator, params: PhantomParams) -> SpineLayout
     vertebrae = []
     for n, vid in enumerate(ids):
         tilt = rng.uniform(0.02, 0.06) if vid <= 19 else (rng.uniform(-0.02, 0.03) if vid <= 22 else rng.uniform(-0.06, 0.0))
-        fracture, target = _draw_fracture(rng, params) if 0 < n < count - 1 else (Fracture(), 0.0)
+        fracture, target = draw_fracture(rng, params) if 0 < n < count - 1 else (Fracture(), 0.0)
         spec = VertebraSpec(
             vertebra=vid,
             height_mm=float(heights[n]),

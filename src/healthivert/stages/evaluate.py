@@ -23,7 +23,7 @@ from healthivert.errors import InputDataError
 from healthivert.io.tables import read_table
 from healthivert.evaluation.figures import confusion_figure, figure_png, rhlv_truth_figure, vertebra_panel
 from healthivert.evaluation.generation import GenerationScores, generation_scores
-from healthivert.evaluation.grading import bootstrap_scores
+from healthivert.evaluation.grading import bootstrap_scores, paired_bootstrap_difference
 from healthivert.evaluation.report import ReportContent, VertebraEntry, grade_recall_text, render_report
 from healthivert.grading import grade_confusion, grade_metrics, load_model
 from healthivert.io.atomic import atomic_dir, atomic_path, write_text_atomic
@@ -132,7 +132,40 @@ def grading_metrics(table: pd.DataFrame, resamples: int, seed: int) -> tuple[dic
             metrics[f"grading_{method}_{key}_ci_low"] = score.low
             metrics[f"grading_{method}_{key}_ci_high"] = score.high
         confusions[label] = grade_confusion(y_true, y_pred)
+    if all(column in table.columns for column, _ in METHODS.values()):
+        rows = table[table["grade"].notna() & table["predicted"].notna() & table["predicted_baseline"].notna()]
+        if not rows.empty:
+            difference = paired_bootstrap_difference(
+                rows["case"].tolist(), rows["grade"].to_numpy(dtype=np.int64), rows["predicted"].to_numpy(dtype=np.int64),
+                rows["predicted_baseline"].to_numpy(dtype=np.int64), resamples, seed)
+            metrics["grading_gan_minus_baseline_macro_f1"] = difference.value
+            metrics["grading_gan_minus_baseline_macro_f1_ci_low"] = difference.low
+            metrics["grading_gan_minus_baseline_macro_f1_ci_high"] = difference.high
     return metrics, confusions
+
+
+def source_metrics(table: pd.DataFrame, evaluated: pd.DataFrame, resamples: int, seed: int) -> dict[str, float]:
+    """Grading (on the evaluated split) and RHLV error (on every vertebra with truth) of each phantom source.
+
+    Keys are ``source_<source>_<metric>`` with ``<source>`` ``drawn`` or ``real_shape`` (``-`` as ``_``).
+    """
+    metrics: dict[str, float] = {}
+    for source in sorted(table["source"].dropna().unique()):
+        prefix = f"source_{str(source).replace('-', '_')}_"
+        grading, _ = grading_metrics(evaluated[evaluated["source"] == source], resamples, seed)
+        metrics |= {prefix + key: value for key, value in grading.items()}
+        metrics |= {prefix + key: value for key, value in rhlv_errors(table[table["source"] == source]).items()}
+    return metrics
+
+
+def rhlv_errors(table: pd.DataFrame) -> dict[str, float]:
+    """``rhlv_mae_<third>``: mean absolute difference between the GAN's RHLV and the true loss, over vertebrae with truth."""
+    truth = table.dropna(subset=[f"truth_loss_{t}" for t in THIRDS])
+    if truth.empty:
+        return {}
+    metrics = {f"rhlv_mae_{third}": float(np.mean(np.abs(truth[f"rhlv_{third}"] - truth[f"truth_loss_{third}"])))
+               for third in THIRDS}
+    return metrics | {"rhlv_n": float(len(truth))}
 
 
 def comparison_sentence(metrics: dict[str, float], split: str) -> str:
@@ -160,7 +193,15 @@ def comparison_sentence(metrics: dict[str, float], split: str) -> str:
     else:
         better = "GAN" if metrics["grading_gan_macro_f1"] >= metrics["grading_baseline_macro_f1"] else "baseline"
         verdict = f"the {better} scores higher, but the intervals overlap, so the difference is not conclusive"
-    return f"{text}, against {describe('baseline')} for the mask-only neighbour baseline: {verdict}."
+    sentence = f"{text}, against {describe('baseline')} for the mask-only neighbour baseline: {verdict}."
+    key = "grading_gan_minus_baseline_macro_f1"
+    if f"{key}_ci_low" in metrics:
+        low, high = metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"]
+        conclusion = ("the GAN is better" if low > 0 else "the baseline is better" if high < 0
+                      else "the interval includes 0, so the difference is not conclusive")
+        sentence += (f" Paired by patient, the difference GAN - baseline is {metrics[key]:+.2f} "
+                     f"(95 % CI {low:+.2f} to {high:+.2f}): {conclusion}.")
+    return sentence
 
 
 # --------------------------------------------------------------------------------------- generation
@@ -293,9 +334,8 @@ def run(params: Params, data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path, 
     metrics, confusions = grading_metrics(evaluated, settings.bootstrap, settings.seed)
     metrics.update(generation_metrics(evaluated, data))
     truth = table.dropna(subset=[f"truth_loss_{t}" for t in THIRDS])
-    for third in THIRDS:
-        if len(truth):
-            metrics[f"rhlv_mae_{third}"] = float(np.mean(np.abs(truth[f"rhlv_{third}"] - truth[f"truth_loss_{third}"])))
+    metrics.update(rhlv_errors(table))
+    metrics.update(source_metrics(table, evaluated, settings.bootstrap, settings.seed))
     metrics = {key: float(value) for key, value in metrics.items() if np.isfinite(value)}
 
     figures: dict[str, tuple[str, bytes]] = {}  # file name -> (caption, PNG)
@@ -311,6 +351,12 @@ def run(params: Params, data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path, 
                               for key in ("macro_precision", "macro_recall", "macro_f1")),
                      grade_recall_text(metrics, f"grading_{method}_"))
                     for method, (_, label) in METHODS.items() if f"grading_{method}_macro_f1" in metrics]
+    grading_rows += [(f"{label}, {source} cases only (n={int(metrics[f'source_{key}_grading_{method}_n'])})",
+                      *(_score_with_interval(metrics, f"source_{key}_grading_{method}_{score}")
+                        for score in ("macro_precision", "macro_recall", "macro_f1")),
+                      grade_recall_text(metrics, f"source_{key}_grading_{method}_"))
+                     for source, key in (("drawn", "drawn"), ("real-shape", "real_shape"))
+                     for method, (_, label) in METHODS.items() if f"source_{key}_grading_{method}_macro_f1" in metrics]
     generation_rows = [(f"{group} vertebrae (n={int(metrics[f'generation_{group}_n'])})", _generation_text(metrics, group))
                        for group in ("healthy", "fractured") if f"generation_{group}_n" in metrics]
     graded = table["grade"].notna()

@@ -98,6 +98,8 @@ def _truth_row(case: SpineCase, vertebra: int) -> dict[str, object]:
         return {}
     row = match.iloc[0]
     values: dict[str, object] = {"fracture_type": str(row["fracture_type"]), "truth_grade": int(row["grade"])}
+    if "source" in row.index and not pd.isna(row["source"]):
+        values["source"] = str(row["source"])
     for third in _THIRDS:
         values[f"truth_h_{third}_mm"] = float(row[f"h_{third}_mm"])
         values[f"truth_healthy_h_{third}_mm"] = float(row[f"healthy_h_{third}_mm"])
