@@ -178,7 +178,7 @@ TINY = {
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")  # no image locally
 def test_pipeline_runs_locally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kfp import local
