@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "svm-fit": ("healthivert.stages.svm_fit", "stage 6: fit the Genant-grade SVM on RHLV features"),
     "evaluate": ("healthivert.stages.evaluate", "stage 7: metrics, plots and the HTML report"),
     "heights": ("healthivert.stages.heights", "mask-only morphometry: body heights and height loss of every vertebra"),
+    "grade": ("healthivert.stages.grade", "grade the vertebrae of your own CT scans with a trained grader bundle"),
     "submit": ("healthivert.stages.submit", "compile the Kubeflow pipeline and submit it (or only compile it)"),
 }
 

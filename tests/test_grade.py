@@ -1,0 +1,167 @@
+"""``healthivert grade``: un-straightening on real anatomy, one code path with the DAG on phantoms, bad inputs.
+
+The phantom test runs the DAG with tiny networks (phantom -> preprocess -> train-coarse -> train-fine
+-> synthesize -> rhlv -> svm-fit, which writes the grader bundle), then grades the same raw scans with
+``grade`` and compares its grades and RHLV with the stages' own.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from healthivert.cli import main
+from healthivert.geometry.straighten import straighten, unstraighten
+from healthivert.grading.model import load_model
+from healthivert.inference.bundle import MANIFEST_NAME, load_bundle
+from healthivert.io.case import load_mask_case
+from healthivert.io.images import load_dicom_series
+from healthivert.io.nifti import load_volume
+from test_training_stages import PARAMS
+
+TINY = ["tracking.enabled=false", "model.sizes.cpu.cnum=4", "model.sizes.cpu.disc_channels=4",
+        "model.sizes.cpu.disc_layers=1", "model.sizes.cpu.classifier_channels=4",
+        "synthesize.device=cpu", "synthesize.precision=fp32", "synthesize.iterative=false"]
+for _section in ("train_coarse", "train_fine"):
+    TINY += [f"{_section}.epochs=2", f"{_section}.steps_per_epoch=25", f"{_section}.batch_size=8",
+             f"{_section}.device=cpu", f"{_section}.precision=fp32", f"{_section}.checkpoint_every=1"]
+TINY += ["train_coarse.classifier.epochs=1", "train_coarse.classifier.steps_per_epoch=2",
+         "train_coarse.classifier.batch_size=4", "train_coarse.classifier.cam_slice_step=4"]
+
+
+def _params() -> list[str]:
+    args = ["--params", str(PARAMS)]
+    for setting in TINY:
+        args += ["--set", setting]
+    return args
+
+
+@pytest.fixture(scope="module")
+def dag(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("dag")
+    p = _params()
+    assert main(["preprocess", "--input", str(phantom_root), "--out", str(root / "pre"), *p]) == 0
+    assert main(["train-coarse", "--data", str(root / "pre"), "--out", str(root / "coarse"), "--attention-out",
+                 str(root / "attention"), "--checkpoint-dir", str(root / "ck" / "coarse"), *p]) == 0
+    assert main(["train-fine", "--data", str(root / "pre"), "--attention", str(root / "attention"), "--coarse",
+                 str(root / "coarse"), "--out", str(root / "fine"), "--checkpoint-dir", str(root / "ck" / "fine"), *p]) == 0
+    assert main(["synthesize", "--data", str(root / "pre"), "--attention", str(root / "attention"), "--model",
+                 str(root / "fine"), "--out", str(root / "synth"), *p]) == 0
+    assert main(["rhlv", "--data", str(root / "pre"), "--synth", str(root / "synth"), "--out", str(root / "rhlv"), *p]) == 0
+    # the tiny generators' synthesis is too poor to fit an SVM on: it is fitted on the phantoms' healthy truth
+    assert main(["rhlv", "--data", str(root / "pre"), "--healthy-truth", "--out", str(root / "truth"), *p]) == 0
+    assert main(["svm-fit", "--rhlv", str(root / "truth" / "rhlv.parquet"), "--out", str(root / "svm"), "--coarse",
+                 str(root / "coarse"), "--fine", str(root / "fine"), "--grader-out", str(root / "grader"), *p]) == 0
+    return root
+
+
+def test_unstraightening_the_real_verse_labels_gives_them_back(shared_data: Path) -> None:
+    case = load_mask_case(shared_data / "verse19-sample" / "0007_msk.nii.gz",
+                          shared_data / "verse19-sample" / "0007_ctd.json", spacing_mm=None)
+    labels = case.labels.array
+    straight = straighten(labels, case.labels.spacing_mm, case.centroids, width=(192, 144))
+    box, values, inside = unstraighten(straight.labels, straight.map, (0, 0, 0), labels.shape, label=True)
+    back = np.zeros_like(labels)
+    back[box] = np.where(inside, values, 0)
+    spacing = np.asarray(case.labels.spacing_mm)
+    for vertebra in case.vertebrae:
+        original, mapped = labels == vertebra, back == vertebra
+        dice = 2.0 * np.count_nonzero(original & mapped) / (np.count_nonzero(original) + np.count_nonzero(mapped))
+        error_mm = np.linalg.norm((np.argwhere(original).mean(0) - np.argwhere(mapped).mean(0)) * spacing)
+        assert dice >= 0.95, f"vertebra {vertebra}: Dice {dice:.3f}"
+        assert error_mm <= 1.0, f"vertebra {vertebra}: centroid moved {error_mm:.2f} mm"
+
+
+def test_grade_gives_the_dag_grades_and_rhlv_on_its_phantoms(dag: Path, phantom_root: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["grade", "--input", str(phantom_root), "--model", str(dag / "grader"), "--out", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    expected = pd.read_parquet(dag / "rhlv" / "rhlv.parquet")
+    svm = load_model(dag / "svm" / "svm.json")
+    features = expected[list(svm.features)].to_numpy()
+    measured = np.isfinite(features).all(axis=1)
+    expected["predicted"] = pd.array([pd.NA] * len(expected), dtype="Int64")
+    expected.loc[measured, "predicted"] = svm.predict(features[measured])
+    graded = pd.concat([pd.read_csv(path, na_values=["not measured"]) for path in sorted(tmp_path.glob("*/grades.csv"))])
+    merged = expected.merge(graded, on=["case", "vertebra"], suffixes=("_dag", ""), validate="one_to_one")
+    assert len(merged) == len(expected) > 0 and merged["graded"].any()
+    for column in ("rhlv_ant", "rhlv_mid", "rhlv_post", "baseline_loss_max", "h_syn_body_mm"):
+        assert np.allclose(merged[column], merged[f"{column}_dag"], atol=1e-4, equal_nan=True), column
+    with_grade = merged[merged["predicted"].notna()]
+    assert (with_grade["grade"].astype(int) == with_grade["predicted"].astype(int)).all()
+    case = sorted(tmp_path.iterdir())[0]
+    document = json.loads((case / "grades.json").read_text())
+    assert "phantom" in document["model"]["training_data"]["source"]
+    report = (case / "report.html").read_text()
+    assert "data:image/png;base64," in report and "not for diagnosis" in report
+    scan = load_volume(phantom_root / "rawdata" / case.name / f"{case.name}_ct.nii.gz")
+    for name in ("pseudo_healthy_ct", "pseudo_healthy_label"):
+        volume = load_volume(case / f"{name}.nii.gz")
+        assert volume.shape == scan.shape and np.allclose(volume.affine, scan.affine, atol=1e-3)
+    healthy_labels = load_volume(case / "pseudo_healthy_label.nii.gz", label=True).array
+    assert set(np.unique(healthy_labels)) - {0} <= set(merged.loc[merged["case"] == case.name, "vertebra"])
+    assert "fractured" in capsys.readouterr().out
+
+
+def test_bundle_of_another_schema_is_refused_in_one_line(dag: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = tmp_path / "grader"
+    shutil.copytree(dag / "grader", bundle)
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    assert load_bundle(bundle).svm.features
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest | {"schema": "healthivert-grader/0"}))
+    scan = dag / "pre"  # any path: the bundle is checked first
+    assert main(["grade", "--input", str(scan), "--model", str(bundle), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "schema 'healthivert-grader/0' is not supported" in error
+    assert not (tmp_path / "out").exists()
+
+
+def _bad_inputs(root: Path, phantom_root: Path) -> dict[str, tuple[list[str], str]]:
+    raw = phantom_root / "rawdata" / "sub-phantom000" / "sub-phantom000_ct.nii.gz"
+    mask = phantom_root / "derivatives" / "sub-phantom000" / "sub-phantom000_seg-vert_msk.nii.gz"
+    ct = load_volume(raw)
+    nib.save(nib.Nifti1Image(ct.array[:-3], ct.affine), root / "short_ct.nii.gz")
+    labels = load_volume(mask, label=True)
+    nib.save(nib.Nifti1Image(np.zeros_like(labels.array, dtype=np.uint8), labels.affine), root / "empty_msk.nii.gz")
+    (root / "no_dicom").mkdir()
+    (root / "no_dicom" / "notes.txt").write_text("no image here")
+    (root / "broken").mkdir()
+    return {
+        "geometry": (["--ct", str(root / "short_ct.nii.gz"), "--labels", str(mask)], "differs from"),
+        "no vertebra": (["--ct", str(raw), "--labels", str(root / "empty_msk.nii.gz")], "no vertebra labels"),
+        "no dicom": (["--ct", str(root / "no_dicom"), "--labels", str(mask)], "no DICOM image"),
+        "bundle": (["--ct", str(raw), "--labels", str(mask), "--model", str(root / "broken")], "bundle.json: not found"),
+    }
+
+
+@pytest.mark.parametrize("case", ["geometry", "no vertebra", "no dicom", "bundle"])
+def test_bad_inputs_give_one_line_and_write_nothing(case: str, dag: Path, phantom_root: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    argv, message = _bad_inputs(tmp_path, phantom_root)[case]
+    if "--model" not in argv:
+        argv += ["--model", str(dag / "grader")]
+    assert main(["grade", *argv, "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and message in error, error
+    assert not any((tmp_path / "out").rglob("*")) if (tmp_path / "out").exists() else True
+
+
+def test_dicom_series_reads_as_its_nifti_conversion(shared_data: Path, tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    folder = shared_data / "totalseg-example" / "dicom"
+    volume = load_dicom_series(folder)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+    sitk.WriteImage(reader.Execute(), str(tmp_path / "converted.nii.gz"))
+    converted = load_volume(tmp_path / "converted.nii.gz")
+    assert volume.shape == converted.shape
+    assert np.allclose(volume.affine, converted.affine, atol=1e-3)
+    assert np.array_equal(volume.array, converted.array)
