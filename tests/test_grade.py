@@ -1,8 +1,11 @@
 """``healthivert grade``: un-straightening on real anatomy, one code path with the DAG on phantoms, bad inputs.
 
-The phantom test runs the DAG with tiny networks (phantom -> preprocess -> train-coarse -> train-fine
--> synthesize -> rhlv -> svm-fit, which writes the grader bundle), then grades the same raw scans with
-``grade`` and compares its grades and RHLV with the stages' own.
+The phantom test runs the DAG's per-vertebra stages (preprocess -> attention maps -> synthesize ->
+rhlv -> svm-fit, which writes the grader bundle) with untrained tiny networks, then grades a raw scan
+with ``grade`` and compares its grades and RHLV with the stages' own. The networks are not trained:
+the comparison is of two code paths on the same weights, and training them (the DAG's job, tested in
+test_training_stages.py) took most of this file's time. The generator's segmentation head is set to
+keep every restored row, so the synthesised bodies are measurable and the SVM grades them.
 """
 
 from __future__ import annotations
@@ -15,24 +18,28 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from healthivert.cli import main
+from healthivert.config import load_params
+from healthivert.data.manifest import read_manifest
 from healthivert.geometry.straighten import straighten, unstraighten
 from healthivert.grading.model import load_model
 from healthivert.inference.bundle import MANIFEST_NAME, load_bundle
 from healthivert.io.case import load_mask_case
 from healthivert.io.images import load_dicom_series
 from healthivert.io.nifti import load_volume
+from healthivert.models import HealthiVertGenerator
+from healthivert.models.classifier import FractureClassifier
+from healthivert.models.io import save_classifier, save_generator
+from healthivert.stages.train_coarse import write_attention_maps
+from healthivert.training.runtime import Runtime
 from test_training_stages import PARAMS
 
 TINY = ["tracking.enabled=false", "model.sizes.cpu.cnum=4", "model.sizes.cpu.disc_channels=4",
         "model.sizes.cpu.disc_layers=1", "model.sizes.cpu.classifier_channels=4",
         "synthesize.device=cpu", "synthesize.precision=fp32", "synthesize.iterative=false"]
-for _section in ("train_coarse", "train_fine"):
-    TINY += [f"{_section}.epochs=2", f"{_section}.steps_per_epoch=25", f"{_section}.batch_size=8",
-             f"{_section}.device=cpu", f"{_section}.precision=fp32", f"{_section}.checkpoint_every=1"]
-TINY += ["train_coarse.classifier.epochs=1", "train_coarse.classifier.steps_per_epoch=2",
-         "train_coarse.classifier.batch_size=4", "train_coarse.classifier.cam_slice_step=4"]
+GRADED_CASE = "sub-phantom000"
 
 
 def _params() -> list[str]:
@@ -42,19 +49,32 @@ def _params() -> list[str]:
     return args
 
 
+def _untrained_models(root: Path) -> None:
+    """What train-coarse and train-fine write (classifier, attention maps, generator and card), untrained."""
+    params = load_params([PARAMS], TINY)
+    torch.manual_seed(0)
+    classifier = FractureClassifier(params.model)
+    save_classifier(root / "coarse" / "classifier.pt", classifier, params.model)
+    write_attention_maps(read_manifest(root / "pre"), root / "pre", classifier, Runtime(torch.device("cpu")),
+                         root / "attention", params.train_coarse.classifier.cam_slice_step)
+    generator = HealthiVertGenerator(params.model)
+    with torch.no_grad():  # segment every restored row: a measurable body without training
+        generator.fine.seg_head.weight.zero_()
+        generator.fine.seg_head.bias.fill_(8.0)
+    save_generator(root / "fine" / "generator.pt", generator, params.model, extra={"stage": "fine", "view": "sagittal"})
+    (root / "fine" / "model_card.json").write_text(json.dumps({"name": "untrained test generator"}))
+
+
 @pytest.fixture(scope="module")
 def dag(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("dag")
     p = _params()
     assert main(["preprocess", "--input", str(phantom_root), "--out", str(root / "pre"), *p]) == 0
-    assert main(["train-coarse", "--data", str(root / "pre"), "--out", str(root / "coarse"), "--attention-out",
-                 str(root / "attention"), "--checkpoint-dir", str(root / "ck" / "coarse"), *p]) == 0
-    assert main(["train-fine", "--data", str(root / "pre"), "--attention", str(root / "attention"), "--coarse",
-                 str(root / "coarse"), "--out", str(root / "fine"), "--checkpoint-dir", str(root / "ck" / "fine"), *p]) == 0
+    _untrained_models(root)
     assert main(["synthesize", "--data", str(root / "pre"), "--attention", str(root / "attention"), "--model",
                  str(root / "fine"), "--out", str(root / "synth"), *p]) == 0
     assert main(["rhlv", "--data", str(root / "pre"), "--synth", str(root / "synth"), "--out", str(root / "rhlv"), *p]) == 0
-    # the tiny generators' synthesis is too poor to fit an SVM on: it is fitted on the phantoms' healthy truth
+    # the SVM is fitted on the phantoms' healthy truth (what an untrained generator gives grades nothing)
     assert main(["rhlv", "--data", str(root / "pre"), "--healthy-truth", "--out", str(root / "truth"), *p]) == 0
     assert main(["svm-fit", "--rhlv", str(root / "truth" / "rhlv.parquet"), "--out", str(root / "svm"), "--coarse",
                  str(root / "coarse"), "--fine", str(root / "fine"), "--grader-out", str(root / "grader"), *p]) == 0
@@ -80,9 +100,13 @@ def test_unstraightening_the_real_verse_labels_gives_them_back(shared_data: Path
 
 def test_grade_gives_the_dag_grades_and_rhlv_on_its_phantoms(dag: Path, phantom_root: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["grade", "--input", str(phantom_root), "--model", str(dag / "grader"), "--out", str(tmp_path),
-                 "--device", "cpu"]) == 0
+    ct = phantom_root / "rawdata" / GRADED_CASE / f"{GRADED_CASE}_ct.nii.gz"
+    derivatives = phantom_root / "derivatives" / GRADED_CASE
+    assert main(["grade", "--ct", str(ct), "--labels", str(derivatives / f"{GRADED_CASE}_seg-vert_msk.nii.gz"),
+                 "--ctd", str(derivatives / f"{GRADED_CASE}_seg-subreg_ctd.json"), "--model", str(dag / "grader"),
+                 "--out", str(tmp_path), "--device", "cpu"]) == 0
     expected = pd.read_parquet(dag / "rhlv" / "rhlv.parquet")
+    expected = expected[expected["case"] == GRADED_CASE].copy()
     svm = load_model(dag / "svm" / "svm.json")
     features = expected[list(svm.features)].to_numpy()
     measured = np.isfinite(features).all(axis=1)

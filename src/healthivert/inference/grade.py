@@ -23,7 +23,7 @@ from tqdm import tqdm
 from healthivert.errors import InputDataError
 from healthivert.geometry.crops import VertebraCrop
 from healthivert.geometry.spine import SpineCrops, crop_spine
-from healthivert.geometry.straighten import unstraighten
+from healthivert.geometry.straighten import unstraighten_many
 from healthivert.grading.model import GradingModel
 from healthivert.inference.bundle import GraderBundle
 from healthivert.io.case import SpineCase, load_case
@@ -188,22 +188,33 @@ def _unwindow(ct_u8: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
 
 def _paste_back(graded: GradedVertebra, crops: SpineCrops, bundle: GraderBundle, ct: np.ndarray,
                 labels: np.ndarray) -> None:
-    """Write a vertebra's pseudo-healthy band (changed voxels and its body) into the canonical grid."""
+    """Write a vertebra's pseudo-healthy band (changed voxels and its body) into the canonical grid.
+
+    Only the bounding box of the changed voxels and the body (plus one voxel, within the band) is
+    mapped back: outside it nothing is written, and the margin keeps the interpolation at its edge
+    as over the whole band.
+    """
     crop, synthesis = graded.crop, graded.synthesis
     assert crop is not None and synthesis is not None and crop.ct is not None
     rows = np.flatnonzero(crop.mask.any(axis=(1, 2)))
     band = slice(int(rows[0]), int(rows[-1]) + 1)
-    origin = (crop.origin[0] + band.start, crop.origin[1], crop.origin[2])
-    changed = synthesis.ct[band] != crop.ct[band]
-    hu = np.where(changed, _unwindow(synthesis.ct[band], bundle.params.preprocess.hu_window), np.nan)
-    smap = crops.spine.map
-    box, values, inside = unstraighten(hu, smap, origin, ct.shape, label=False, cval=np.nan)  # type: ignore[arg-type]
-    take = inside & np.isfinite(values)
-    ct[box][take] = values[take]
     vid = crop.vertebra
-    body = np.where(synthesis.label[band] == vid, synthesis.label[band], 0).astype(np.uint8)
-    box, values, inside = unstraighten(body, smap, origin, labels.shape, label=True)  # type: ignore[arg-type]
-    labels[box][inside & (values == vid)] = vid
+    changed = synthesis.ct[band] != crop.ct[band]
+    body = synthesis.label[band] == vid
+    region = np.argwhere(changed | body)
+    if region.size == 0:
+        return
+    low = np.maximum(region.min(axis=0) - 1, 0)
+    high = np.minimum(region.max(axis=0) + 2, changed.shape)
+    tight = tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high))
+    origin = (crop.origin[0] + band.start + int(low[0]), crop.origin[1] + int(low[1]), crop.origin[2] + int(low[2]))
+    hu = np.where(changed[tight], _unwindow(synthesis.ct[band][tight], bundle.params.preprocess.hu_window), np.nan)
+    body_ids = np.where(body[tight], vid, 0).astype(np.uint8)
+    box, (hu_values, body_values), inside = unstraighten_many(
+        crops.spine.map, [(hu, False, np.nan), (body_ids, True, 0.0)], origin, ct.shape)  # type: ignore[arg-type]
+    take = inside & np.isfinite(hu_values)
+    ct[box][take] = hu_values[take]
+    labels[box][inside & (body_values == vid)] = vid
 
 
 def load_grading_case(inputs: CaseInputs) -> SpineCase:

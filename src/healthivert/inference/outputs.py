@@ -16,13 +16,15 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from healthivert.data.manifest import crop_name
-from healthivert.evaluation.figures import figure_png, vertebra_panel
+from healthivert.evaluation.figures import figure_png
 from healthivert.evaluation.report import DISCLAIMER, GRADE_WORDS, STYLE
 from healthivert.geometry.crops import crop_affine
 from healthivert.inference.bundle import GraderBundle
 from healthivert.inference.grade import TABLE_COLUMNS, CaseGrades, GradedVertebra, to_stored_orientation
+from healthivert.inference.panels import loss_colour_bar, png_bytes, vertebra_strip
 from healthivert.io.atomic import atomic_dir
 from healthivert.io.nifti import save_volume
+from healthivert.rhlv.figures import LOSS_RANGE
 from healthivert.rhlv.vertebra import loss_map_volume
 
 NOT_MEASURED = "not measured"
@@ -65,7 +67,7 @@ def _overview(result: CaseGrades) -> Figure:
     overlay = np.ma.masked_less(colour_of[labels], 0)
     rows = np.flatnonzero(labels.any(axis=1))
     figure = Figure(figsize=(4.5, 8), dpi=90)
-    axes = figure.add_subplot(1, 1, 1)
+    axes = figure.add_axes((0.02, 0.02, 0.96, 0.9))  # fixed layout: tight_layout costs more than the drawing
     r0, r1 = (max(rows[0] - 20, 0), rows[-1] + 20) if rows.size else (0, ct.shape[0])
     axes.imshow(ct[r0:r1, :, middle], cmap="gray", vmin=-300, vmax=1200)
     axes.imshow(overlay[r0:r1], cmap=ListedColormap(GRADE_COLOURS), vmin=-0.5, vmax=4.5, alpha=0.45,
@@ -79,7 +81,6 @@ def _overview(result: CaseGrades) -> Figure:
     axes.set_axis_off()
     axes.set_title("straightened spine, mid-sagittal: green normal, yellow mild, orange moderate, red severe, grey not graded",
                    fontsize=7, wrap=True)
-    figure.tight_layout()
     return figure
 
 
@@ -91,17 +92,22 @@ def _cell(value: Any, digits: int = 3) -> str:
     return html.escape(str(value))
 
 
-def _panel(vertebra: GradedVertebra, case_id: str, spacing_mm: float) -> bytes | None:
+def _panel(vertebra: GradedVertebra) -> str | None:
+    """The report's section of a vertebra: title, its three pictures (see :func:`vertebra_strip`), caption."""
     crop, synthesis, loss = vertebra.crop, vertebra.synthesis, vertebra.loss_map
     if crop is None or synthesis is None or loss is None or crop.ct is None:
         return None
     vid = crop.vertebra
     middle = int(np.median(np.flatnonzero((crop.labels == vid).any(axis=(0, 1)))))
+    strip = vertebra_strip(crop.ct[:, :, middle], synthesis.ct[:, :, middle], crop.labels[:, :, middle] == vid,
+                           synthesis.label[:, :, middle] == vid, loss)
+    name = html.escape(str(vertebra.values["name"]))
     grade = vertebra.values.get("grade")
-    title = f"{case_id} {vertebra.values['name']}: grade {grade} ({GRADE_WORDS.get(grade, '?')})"
-    figure = vertebra_panel(crop.ct[:, :, middle], synthesis.ct[:, :, middle], crop.labels[:, :, middle] == vid,
-                            synthesis.label[:, :, middle] == vid, loss, (spacing_mm,) * 3, title)
-    return figure_png(figure)
+    words = GRADE_WORDS.get(grade, NOT_MEASURED) if vertebra.values["graded"] else "not graded"
+    return (f'<div class="vertebra"><h3>{name}: grade {_cell(grade)} ({html.escape(words)})</h3>'
+            f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png_bytes(strip)).decode()}">'
+            f"<p>Mid-sagittal slice (cranial up, anterior left): original (orange outline), pseudo-healthy "
+            f"(green outline); then the axial height-loss map (anterior up, patient's right on the left).</p></div>")
 
 
 def report_html(result: CaseGrades, table: pd.DataFrame, bundle: GraderBundle) -> str:
@@ -114,12 +120,8 @@ def report_html(result: CaseGrades, table: pd.DataFrame, bundle: GraderBundle) -
     body = "".join("<tr>" + "".join(f"<td>{_cell(row[c])}</td>" for c in columns) + "</tr>"
                    for _, row in table.iterrows())
     overview = base64.b64encode(figure_png(_overview(result))).decode()
-    panels = []
-    for vertebra in result.vertebrae:
-        png = _panel(vertebra, case_id, bundle.params.preprocess.spacing_mm)
-        if png is not None:
-            panels.append(f'<div class="vertebra"><img alt="{html.escape(str(vertebra.values["name"]))}" '
-                          f'src="data:image/png;base64,{base64.b64encode(png).decode()}"></div>')
+    panels = [panel for panel in map(_panel, result.vertebrae) if panel is not None]
+    scale = base64.b64encode(loss_colour_bar()).decode()
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>HealthiVert grades: {html.escape(case_id)}</title>
 <style>{STYLE}</style></head><body>
@@ -130,6 +132,9 @@ mean nothing clinically. Genant grades: 0 normal, 1 mild (20-25 % height loss), 
 "{NOT_MEASURED}" marks a value that was not measured (not a loss of 0).</p>
 <img alt="overview" src="data:image/png;base64,{overview}">
 <table><tr>{head}</tr>{body}</table>
+<p>Height loss (H_syn - H_ori) / H_syn: {LOSS_RANGE[0]:.0%}
+<img alt="height-loss colour scale" src="data:image/png;base64,{scale}"> {LOSS_RANGE[1]:.0%} and more;
+grey: not measured.</p>
 {''.join(panels)}
 </body></html>
 """
