@@ -133,6 +133,31 @@ def test_grade_gives_the_dag_grades_and_rhlv_on_its_phantoms(dag: Path, phantom_
     assert "fractured" in capsys.readouterr().out
 
 
+def test_grade_reads_the_bundle_from_an_mlflow_run(dag: Path, phantom_root: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    client = MlflowClient(store)
+    run = client.create_run(client.create_experiment("grader", artifact_location=(tmp_path / "artifacts").as_uri()))
+    client.log_artifacts(run.info.run_id, str(dag / "grader"), "grader")  # as svm-fit logs it
+    ct = phantom_root / "rawdata" / GRADED_CASE / f"{GRADED_CASE}_ct.nii.gz"
+    labels = phantom_root / "derivatives" / GRADED_CASE / f"{GRADED_CASE}_seg-vert_msk.nii.gz"
+    argv = ["grade", "--ct", str(ct), "--labels", str(labels), "--device", "cpu"]
+    assert main([*argv, "--model", f"runs:/{run.info.run_id}/grader", "--out", str(tmp_path / "out")]) == 0
+    document = json.loads((tmp_path / "out" / GRADED_CASE / "grades.json").read_text())
+    manifest = json.loads((dag / "grader" / MANIFEST_NAME).read_text())
+    assert document["model"]["versions"] == manifest["versions"] and document["vertebrae"]
+    capsys.readouterr()
+    missing = "runs:/0123456789abcdef0123456789abcdef/grader"
+    assert main([*argv, "--model", missing, "--out", str(tmp_path / "missing")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and missing in error and "MLflow could not download" in error, error
+    assert not (tmp_path / "missing").exists()
+
+
 def test_bundle_of_another_schema_is_refused_in_one_line(dag: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     bundle = tmp_path / "grader"

@@ -36,6 +36,7 @@ from healthivert.models.classifier import FractureClassifier
 from healthivert.models.generator import HealthiVertGenerator, Stage
 from healthivert.models.io import load_classifier, view_file_name
 from healthivert.synthesis.iterative import load_view_generators
+from healthivert.tracking.runs import tracking_uri
 from healthivert.training.model_card import INTENDED_USE
 
 SCHEMA = "healthivert-grader/1"
@@ -143,7 +144,8 @@ def write_bundle(out: Path, params: Params, coarse_dir: Path, fine_dir: Path, sv
 
 
 def resolve_bundle(source: str | os.PathLike[str]) -> Path:
-    """The local folder of a bundle given as a folder or an MLflow URI (downloaded).
+    """The local folder of a bundle given as a folder or an MLflow URI (downloaded from the tracking store
+    the stages log to: ``MLFLOW_TRACKING_URI``, else the project's default).
 
     Raises:
         CheckpointError: the URI cannot be downloaded, or the folder does not exist.
@@ -153,7 +155,7 @@ def resolve_bundle(source: str | os.PathLike[str]) -> Path:
         import mlflow.artifacts  # imported here: only MLflow URIs need it
 
         try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=text, tracking_uri=tracking_uri()))
         except Exception as exc:  # MLflow raises many types (missing run, model, alias, server)
             raise CheckpointError(text, "MLflow could not download the grader bundle",
                                   str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
