@@ -361,7 +361,8 @@ def unstraighten_many(smap: StraightenMap, volumes: list[tuple[np.ndarray, bool,
         within = np.all((straight > -0.5) & (straight < shape[:, None] - 0.5), axis=0)
         inside[rows] = within.reshape(len(rows), *grid_j.shape)
         for source, out, (_, label, cval) in zip(sources, outputs, volumes):
-            sampled = ndimage.map_coordinates(source, straight, order=0 if label else 1, mode="nearest", prefilter=False)
+            sampled = ndimage.map_coordinates(source, straight, order=0 if label else 1, mode="nearest",
+                                              prefilter=False)
             out[rows] = np.where(within, sampled, cval).reshape(len(rows), *grid_j.shape)
     return box, outputs, inside  # type: ignore[return-value]
 
