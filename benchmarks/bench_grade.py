@@ -1,13 +1,13 @@
 """Time ``healthivert grade`` on one phantom spine: files in -> report out, wall time and peak memory.
 
-Usage: ``python benchmarks/bench_grade.py [--vertebrae N] [--sizes cpu full]``.
+Usage: ``python benchmarks/bench_grade.py [--vertebrae N [N ...]] [--sizes cpu full]``.
 
 The grader bundle holds untrained networks of each size (the time does not depend on the weights; the
 generator's segmentation head keeps every restored row, so each vertebra is graded and mapped back):
 ``cpu`` with ``params.yaml``, ``full`` with ``configs/full.yaml`` layered on top (two views). The
-phantom generator draws at most 12 labelled vertebrae per spine; the per-vertebra time scales the
-figure to a 17-vertebra spine (whole time x 17 / N: the fixed costs, start-up and imports, are scaled
-too, so the figure errs high). ``grade`` runs in a child process, so its peak memory is its own; its
+phantom generator draws at most 12 labelled vertebrae per spine, so a 17-vertebra spine is
+extrapolated: each run's time x 17 / N (the fixed costs, start-up and imports, are scaled too, so it
+errs high), and, given two counts or more, a line fitted through the runs (fixed + per-vertebra time). ``grade`` runs in a child process, so its peak memory is its own; its
 CPU time (user + system) is printed beside the wall time, which on a shared machine also counts the
 time other processes held the cores.
 """
@@ -56,34 +56,50 @@ def untrained_bundle(out: Path, size: str) -> Path:
     return write_bundle(out / f"grader_{size}", params, models, models, models, {"source": "untrained (benchmark)"})
 
 
+def grade_once(raw: Path, bundle: Path, out: Path) -> tuple[int, float, float, float]:
+    """Graded vertebrae, wall seconds, CPU seconds (user + system) and peak memory (GiB) of one ``grade`` run."""
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "healthivert.cli", "grade", "--input", str(raw), "--model", str(bundle),
+                           "--out", str(out), "--device", "cpu"], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        sys.exit(done.stderr[-2000:])
+    rows = len(next(out.glob("*/grades.csv")).read_text().splitlines()) - 1
+    cpu_seconds = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
+    return rows, seconds, cpu_seconds, cpu_after.ru_maxrss / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vertebrae", type=int, default=12, help="labelled vertebrae of the phantom spine (<= 12)")
+    parser.add_argument("--vertebrae", type=int, nargs="+", default=[6, 12],
+                        help="labelled vertebrae of each phantom spine (<= 12); two or more counts fit fixed + per-vertebra time")
     parser.add_argument("--sizes", nargs="+", default=["cpu", "full"], choices=["cpu", "full"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        write_dataset(root / "raw", PhantomParams(cases=1, seed=5, vertebrae_per_case=(args.vertebrae,) * 2,
-                                                  spacing_mm_range=(1.0, 1.0), orientations=("RAS",)))
+        for count in args.vertebrae:
+            write_dataset(root / f"raw_{count}", PhantomParams(cases=1, seed=5, vertebrae_per_case=(count, count),
+                                                               spacing_mm_range=(1.0, 1.0), orientations=("RAS",)))
         for size in args.sizes:
             bundle = untrained_bundle(root, size)
             mib = sum(p.stat().st_size for p in bundle.iterdir()) / 2**20
-            cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "healthivert.cli", "grade", "--input", str(root / "raw"),
-                                   "--model", str(bundle), "--out", str(root / f"out_{size}"), "--device", "cpu"],
-                                  capture_output=True, text=True)
-            seconds = time.perf_counter() - start
-            cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            cpu_seconds = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
-            if done.returncode != 0:
-                sys.exit(done.stderr[-2000:])
-            table = next((root / f"out_{size}").glob("*/grades.csv")).read_text().splitlines()
-            peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-            scale = 17 / max(len(table) - 1, 1)
-            print(f"{size}: {len(table) - 1} vertebrae, files in -> report out {seconds:.1f} s "
-                  f"({cpu_seconds:.1f} s of CPU), {seconds * scale:.1f} s ({cpu_seconds * scale:.1f} s of CPU) scaled "
-                  f"to 17 vertebrae, peak memory {peak_gib:.2f} GiB (largest child so far), bundle {mib:.1f} MiB")
+            runs = []
+            for count in args.vertebrae:
+                rows, seconds, cpu_seconds, peak_gib = grade_once(root / f"raw_{count}", bundle,
+                                                                  root / f"out_{size}_{count}")
+                runs.append((rows, seconds, cpu_seconds))
+                scale = 17 / max(rows, 1)
+                print(f"{size}: {rows} vertebrae, files in -> report out {seconds:.1f} s ({cpu_seconds:.1f} s of CPU), "
+                      f"{seconds * scale:.1f} s ({cpu_seconds * scale:.1f} s of CPU) scaled to 17 vertebrae, peak memory "
+                      f"{peak_gib:.2f} GiB (largest child so far), bundle {mib:.1f} MiB")
+            if len({rows for rows, _, _ in runs}) > 1:
+                counts = np.array([rows for rows, _, _ in runs], dtype=float)
+                for label, column in (("wall", 1), ("CPU", 2)):
+                    slope, fixed = np.polyfit(counts, [run[column] for run in runs], 1)
+                    print(f"{size}: {label} {fixed:.1f} s fixed + {slope:.2f} s per vertebra -> "
+                          f"{fixed + 17 * slope:.1f} s for 17 vertebrae")
 
 
 if __name__ == "__main__":
