@@ -90,14 +90,16 @@ def rhlv(preprocessed: Input[Dataset], synthesized: Input[Dataset], params_json:
              params_json, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
 
 
-def svm_fit(rhlv_data: Input[Dataset], params_json: str, overrides: str, mlflow_uri: str, pipeline_group: str,
-            svm: Output[Model], metrics: Output[Metrics]):
-    """Fit the Genant-grade SVM on the RHLV features."""
+def svm_fit(rhlv_data: Input[Dataset], coarse: Input[Model], fine: Input[Model], params_json: str, overrides: str,
+            mlflow_uri: str, pipeline_group: str, svm: Output[Model], grader: Output[Model],
+            metrics: Output[Metrics]):
+    """Fit the Genant-grade SVM on the RHLV features; write the grader bundle ``healthivert grade`` loads."""
     import os
 
     from healthivert.stages.submit import run_step
 
-    run_step(["svm-fit", "--rhlv", os.path.join(rhlv_data.path, "rhlv.parquet"), "--out", svm.path],
+    run_step(["svm-fit", "--rhlv", os.path.join(rhlv_data.path, "rhlv.parquet"), "--out", svm.path,
+              "--coarse", coarse.path, "--fine", fine.path, "--grader-out", grader.path],
              params_json, overrides.splitlines(), mlflow_uri, pipeline_group, metrics)
 
 

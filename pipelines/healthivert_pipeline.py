@@ -58,7 +58,8 @@ def build_pipeline(image: str, gpus: int = 1, params_json: str = "", mlflow_uri:
                                  **common).set_display_name("synthesize")
         heights = steps.rhlv(preprocessed=data, synthesized=synth.outputs["synthesized"],
                              **common).set_display_name("rhlv")
-        svm = steps.svm_fit(rhlv_data=heights.outputs["rhlv_data"], **common).set_display_name("svm-fit")
+        svm = steps.svm_fit(rhlv_data=heights.outputs["rhlv_data"], coarse=coarse.outputs["coarse"],
+                            fine=fine.outputs["fine"], **common).set_display_name("svm-fit")
         steps.evaluate(preprocessed=data, synthesized=synth.outputs["synthesized"],
                        rhlv_data=heights.outputs["rhlv_data"], svm=svm.outputs["svm"],
                        **common).set_display_name("evaluate")

@@ -21,6 +21,7 @@ SMALLEST = {
                           "--batch", "1"],
     "bench_downstream.py": ["--repeats", "1", "--sizes", "cpu", "--precisions", "fp32"],
     "bench_preprocess.py": ["--cases", "1"],
+    "bench_grade.py": ["--vertebrae", "3", "--sizes", "cpu"],
 }
 
 

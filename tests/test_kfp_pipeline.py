@@ -31,7 +31,7 @@ UPSTREAM = {
     "train-fine": {"preprocess", "train-coarse"},
     "synthesize": {"preprocess", "train-coarse", "train-fine"},
     "rhlv": {"preprocess", "synthesize"},
-    "svm-fit": {"rhlv"},
+    "svm-fit": {"rhlv", "train-coarse", "train-fine"},
     "evaluate": {"preprocess", "synthesize", "rhlv", "svm-fit"},
 }
 
@@ -54,6 +54,12 @@ def test_compiled_dag(tmp_path: Path) -> None:
     inputs = tasks["train-fine"]["inputs"]["artifacts"]
     assert inputs["coarse"]["taskOutputArtifact"] == {"outputArtifactKey": "coarse", "producerTask": "train-coarse"}
     assert inputs["attention"]["taskOutputArtifact"]["producerTask"] == "train-coarse"
+    # svm-fit assembles the grader bundle (healthivert grade --model) from both stages' models
+    inputs = tasks["svm-fit"]["inputs"]["artifacts"]
+    assert inputs["coarse"]["taskOutputArtifact"] == {"outputArtifactKey": "coarse", "producerTask": "train-coarse"}
+    assert inputs["fine"]["taskOutputArtifact"] == {"outputArtifactKey": "fine", "producerTask": "train-fine"}
+    svm_source = " ".join(spec["deploymentSpec"]["executors"]["exec-svm-fit"]["container"]["command"])
+    assert '"--grader-out", grader.path' in svm_source
 
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {"registry.example/healthivert:test"}
@@ -66,6 +72,8 @@ def test_compiled_dag(tmp_path: Path) -> None:
     outputs = components["comp-train-coarse"]["outputDefinitions"]["artifacts"]
     assert outputs["coarse"]["artifactType"]["schemaTitle"] == "system.Model"
     assert outputs["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
+    grader = components["comp-svm-fit"]["outputDefinitions"]["artifacts"]["grader"]
+    assert grader["artifactType"]["schemaTitle"] == "system.Model"
     assert components["comp-evaluate"]["outputDefinitions"]["artifacts"]["report"]["artifactType"]["schemaTitle"] == "system.HTML"
 
     parameters = spec["root"]["inputDefinitions"]["parameters"]

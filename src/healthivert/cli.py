@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -27,8 +28,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "svm-fit": ("healthivert.stages.svm_fit", "stage 6: fit the Genant-grade SVM on RHLV features"),
     "evaluate": ("healthivert.stages.evaluate", "stage 7: metrics, plots and the HTML report"),
     "heights": ("healthivert.stages.heights", "mask-only morphometry: body heights and height loss of every vertebra"),
+    "grade": ("healthivert.stages.grade", "grade the vertebrae of your own CT scans with a trained grader bundle"),
     "submit": ("healthivert.stages.submit", "compile the Kubeflow pipeline and submit it (or only compile it)"),
 }
+
+
+# GNU OpenMP threads (torch's CPU kernels) spin while they wait for each other: with any other busy
+# process on the cores a convolution then took 15-50x longer (2 threads on a shared 2-core machine,
+# benchmarks/bench_grade.py). Threads that sleep while they wait cost little when the cores are free.
+# Read when torch loads, after this module; an OMP_WAIT_POLICY already set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,6 +42,13 @@ class VertebraCrop:
     ct: np.ndarray | None = None
 
 
+def crop_affine(base: np.ndarray, origin: tuple[int, int, int]) -> np.ndarray:
+    """Voxel-to-world matrix of a crop whose first voxel is ``origin`` of a grid with voxel-to-world ``base``."""
+    shift = np.eye(4)
+    shift[:3, 3] = origin
+    return base @ shift
+
+
 def window_ct(hu: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
     """Map HU linearly from ``hu_window`` to 0..255 (clipped), as ``uint8``; any shape."""
     lo, hi = hu_window

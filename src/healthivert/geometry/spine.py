@@ -1,6 +1,6 @@
 """A whole spine in straightened space: straightened scan, body labels and which vertebrae are usable.
 
-Shared by ``preprocess`` (crops) and the ``heights`` tool. Inputs are canonical ``IPL`` arrays (axis 0
+Shared by ``preprocess`` and ``grade`` (:func:`crop_spine`) and the ``heights`` tool. Inputs are canonical ``IPL`` arrays (axis 0
 superior -> inferior, axis 1 anterior -> posterior, axis 2 right -> left) of any voxel size; outputs
 are straightened ``(CC, AP, LR)`` arrays with ``spacing_mm`` voxels (see
 :mod:`healthivert.geometry.straighten`).
@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import numpy as np
 from scipy import ndimage
 
+from healthivert.config import PreprocessParams
+from healthivert.geometry.crops import VertebraCrop, crop_origin, crop_vertebra
 from healthivert.geometry.depedicle import BodyCut, depedicle
 from healthivert.geometry.morphometry import NeighbourBaseline, ThirdHeights, body_heights, neighbour_baseline
 from healthivert.geometry.straighten import StraightenedSpine, StraightenMap, resample, straighten
@@ -220,3 +222,55 @@ def resample_twin(spine: PreparedSpine, labels: np.ndarray, ct: np.ndarray, wind
     if remove_arch:
         straight_labels, _ = depedicle(straight_labels, smap.spacing_mm)
     return straight_labels, straight_ct
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SpineCrops:
+    """Every usable vertebra of one scan, straightened and cropped (the per-case result of preprocessing).
+
+    Attributes:
+        spine: the prepared spine (sampling map, bodies, skipped vertebrae with their reasons).
+        crops: VerSe id -> its crop (windowed CT, body labels, band mask), cranial first.
+        window: ``(AP, LR)`` ranges of the straightened grid where the CT was resampled.
+        ct_hu: straightened HU ``(CC, AP, LR)`` (air outside ``window``).
+    """
+
+    spine: PreparedSpine
+    crops: dict[int, VertebraCrop]
+    window: tuple[slice, slice]
+    ct_hu: np.ndarray
+
+
+def straightened_width(params: PreprocessParams) -> tuple[int, int]:
+    """AP columns and LR slices of the straightened grid: room for the crops and the whole vertebrae."""
+    _, ap, lr = params.crop_shape
+    margin = int(round(64.0 / params.spacing_mm))
+    return ap + margin, max(lr, int(round(80.0 / params.spacing_mm))) + int(round(16.0 / params.spacing_mm))
+
+
+def crop_spine(labels: np.ndarray, ct_hu: np.ndarray, input_spacing_mm: tuple[float, float, float],
+               centroids: Mapping[int, np.ndarray], params: PreprocessParams, air_hu: float = -1024.0) -> SpineCrops:
+    """Straighten one scan and crop each of its usable vertebrae, as the ``preprocess`` stage does.
+
+    Args:
+        labels: ``IPL`` VerSe label volume of whole vertebrae.
+        ct_hu: ``IPL`` HU volume on the same grid.
+        input_spacing_mm: voxel size along ``(I, P, L)``.
+        centroids: VerSe id -> voxel coordinates ``(I, P, L)`` (at least two).
+        params: the preprocessing settings (crop shape, spacing, window, de-pedicling, curve).
+        air_hu: CT value outside the scan.
+    """
+    crop_shape = tuple(int(s) for s in params.crop_shape)
+    spine = prepare_spine(labels, input_spacing_mm, centroids, spacing_mm=params.spacing_mm,
+                          width=straightened_width(params), margin_mm=crop_shape[0] / 2.0 * params.spacing_mm,
+                          smoothing_mm=params.curve_smoothing_mm, through_bodies=params.curve_through_bodies,
+                          remove_arch=params.depedicle)
+    if not spine.order:
+        return SpineCrops(spine, {}, (slice(0, 0), slice(0, 0)), np.zeros((0, 0, 0), np.float32))
+    origins = {vid: crop_origin(spine.bodies, vid, crop_shape) for vid in spine.order}  # type: ignore[arg-type]
+    window = crop_window(list(origins.values()), crop_shape, spine.map.shape)  # type: ignore[arg-type]
+    straight_ct = resample(ct_hu, spine.map, label=False, cval=air_hu, window=window)
+    crops = {vid: crop_vertebra(spine.bodies, vid, spine.sequence, crop_shape, params.max_height_mm,  # type: ignore[arg-type]
+                                params.spacing_mm, straight_ct, params.hu_window, origin=origins[vid])
+             for vid in spine.order}
+    return SpineCrops(spine, crops, window, straight_ct)

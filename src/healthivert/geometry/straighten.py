@@ -30,6 +30,10 @@ from scipy import interpolate, ndimage, spatial
 
 #: rows resampled per call of ``map_coordinates`` (bounds the memory of the coordinate arrays).
 _CHUNK_ROWS = 48
+#: input voxels mapped back per step of :func:`unstraighten` (bounds its memory).
+_UNSTRAIGHTEN_CHUNK_VOXELS = 1 << 17
+#: curve samples beyond a box's rows that :func:`unstraighten` considers as nearest samples.
+_UNSTRAIGHTEN_MARGIN_ROWS = 16
 #: reweighted refits of the spine curve (robust to centroids displaced by fractures).
 _ROBUST_REFITS = 3
 
@@ -279,6 +283,87 @@ def resample_many(smap: StraightenMap, volumes: list[tuple[np.ndarray, bool, flo
                                               cval=cval, prefilter=False, output=out.dtype)
             out[rows, ap_range, lr_range] = sampled
     return outputs
+
+
+def unstraighten(volume: np.ndarray, smap: StraightenMap, origin: tuple[int, int, int],
+                 input_shape: tuple[int, int, int], *, label: bool,
+                 cval: float = 0.0) -> tuple[tuple[slice, slice, slice], np.ndarray, np.ndarray]:
+    """Map a box of the straightened grid (e.g. a vertebra's crop) back onto the input grid: the inverse of :func:`resample`.
+
+    Every input voxel near the box is placed on its nearest curve sample and offset along that
+    sample's frame (as :meth:`StraightenMap.to_straight`), then the box is sampled there.
+
+    Args:
+        volume: ``(CC, AP, LR)`` values on the straightened grid from ``origin`` (straightened index of
+            its voxel ``(0, 0, 0)``, may be negative).
+        smap: the map the box was straightened with.
+        origin: see ``volume``.
+        input_shape: shape of the input ``IPL`` grid the map was fitted on.
+        label: nearest neighbour (labels keep their dtype) instead of trilinear (float32).
+        cval: value where an input voxel falls outside the box.
+
+    Returns:
+        ``(box, values, inside)``: the input-grid box the volume covers, the values there, and where
+        an input voxel falls inside ``volume`` (elsewhere ``values`` is ``cval``).
+    """
+    box, (values,), inside = unstraighten_many(smap, [(volume, label, cval)], origin, input_shape)
+    return box, values, inside
+
+
+def unstraighten_many(smap: StraightenMap, volumes: list[tuple[np.ndarray, bool, float]], origin: tuple[int, int, int],
+                      input_shape: tuple[int, int, int]
+                      ) -> tuple[tuple[slice, slice, slice], list[np.ndarray], np.ndarray]:
+    """:func:`unstraighten` several volumes of one straightened box, placing the input voxels once.
+
+    Args:
+        smap: the map the box was straightened with.
+        volumes: ``(array, label, cval)`` per volume, as in :func:`unstraighten`; all of one shape.
+        origin: straightened index of the box's voxel ``(0, 0, 0)``.
+        input_shape: shape of the input ``IPL`` grid the map was fitted on.
+
+    Returns:
+        ``(box, values, inside)`` as :func:`unstraighten`, ``values`` in the order given.
+    """
+    shape = np.asarray(volumes[0][0].shape)
+    if any(array.shape != volumes[0][0].shape for array, _, _ in volumes):
+        raise ValueError("unstraighten_many needs volumes of one shape")
+    step = max(1, int(shape.min()) // 8)
+    lattice = np.stack(np.meshgrid(*[np.r_[np.arange(0, n, step), n - 1] for n in shape], indexing="ij"), -1)
+    corners = smap.to_input(lattice.reshape(-1, 3) + np.asarray(origin))
+    low = np.clip(np.floor(corners.min(axis=0)).astype(int) - 2, 0, input_shape)
+    high = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 3, 0, input_shape)
+    box = tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high))
+    box_shape = tuple(int(hi - lo) for lo, hi in zip(low, high))
+    outputs = [np.full(box_shape, cval, dtype=array.dtype if label else np.float32) for array, label, cval in volumes]
+    inside = np.zeros(box_shape, dtype=bool)
+    if not all(box_shape):
+        return box, outputs, inside  # type: ignore[return-value]
+    # only the curve samples near the box's rows can be nearest to its voxels
+    first = max(int(origin[0]) - _UNSTRAIGHTEN_MARGIN_ROWS, 0)
+    last = min(int(origin[0]) + int(shape[0]) + _UNSTRAIGHTEN_MARGIN_ROWS, len(smap.points_mm))
+    tree = spatial.cKDTree(smap.points_mm[first:last])
+    sources = [array if label else array.astype(np.float32, copy=False) for array, label, _ in volumes]
+    grid_j, grid_k = np.meshgrid(np.arange(low[1], high[1]), np.arange(low[2], high[2]), indexing="ij")
+    rows_per_chunk = max(1, _UNSTRAIGHTEN_CHUNK_VOXELS // grid_j.size)
+    for start in range(0, box_shape[0], rows_per_chunk):
+        rows = np.arange(start, min(start + rows_per_chunk, box_shape[0]))
+        voxels = np.stack(np.broadcast_arrays((low[0] + rows)[:, None], grid_j.ravel()[None], grid_k.ravel()[None]),
+                          axis=-1).reshape(-1, 3)
+        positions = voxels * np.asarray(smap.input_spacing_mm)
+        nearest = first + tree.query(positions)[1]
+        offset = positions - smap.points_mm[nearest]
+        straight = np.stack([
+            nearest + np.einsum("ij,ij->i", offset, smap.tangents[nearest]) / smap.spacing_mm,
+            smap.centre[0] + np.einsum("ij,ij->i", offset, smap.ap_axes[nearest]) / smap.spacing_mm,
+            smap.centre[1] + np.einsum("ij,ij->i", offset, smap.lr_axes[nearest]) / smap.spacing_mm,
+        ]) - np.asarray(origin, dtype=np.float64)[:, None]
+        within = np.all((straight > -0.5) & (straight < shape[:, None] - 0.5), axis=0)
+        inside[rows] = within.reshape(len(rows), *grid_j.shape)
+        for source, out, (_, label, cval) in zip(sources, outputs, volumes):
+            sampled = ndimage.map_coordinates(source, straight, order=0 if label else 1, mode="nearest",
+                                              prefilter=False)
+            out[rows] = np.where(within, sampled, cval).reshape(len(rows), *grid_j.shape)
+    return box, outputs, inside  # type: ignore[return-value]
 
 
 def straighten(labels: np.ndarray, input_spacing_mm: tuple[float, float, float],

@@ -14,6 +14,7 @@ from healthivert.errors import InputDataError
 from healthivert.io.centroids import centroids_from_labels, read_centroids
 from healthivert.io.labels import TOTALSEG_TO_VERSE, VERSE_NAMES
 from healthivert.io.layouts import CaseFiles
+from healthivert.io.images import read_image, read_label_map
 from healthivert.io.nifti import Volume, check_same_grid, load_volume
 from healthivert.io.resample import to_canonical, voxel_to_world, world_to_voxel
 
@@ -44,6 +45,8 @@ class SpineCase:
         truth: phantom ground truth (``heights.csv`` rows), or ``None`` for real data.
         healthy_ct: phantom only: the same spine without fractures.
         healthy_labels: phantom only: its labels.
+        stored_affine: voxel-to-world matrix of the label map as stored (before reorienting), to write
+            results back in the scan's own orientation.
     """
 
     case_id: str
@@ -54,6 +57,7 @@ class SpineCase:
     truth: pd.DataFrame | None = None
     healthy_ct: Volume | None = None
     healthy_labels: Volume | None = None
+    stored_affine: np.ndarray | None = None
 
     @property
     def vertebrae(self) -> list[int]:
@@ -147,11 +151,11 @@ def load_case(files: CaseFiles, spacing_mm: float | None = 1.0) -> SpineCase:
         InputDataError: a file is missing or unreadable, CT and mask do not share a grid, the label map
             is empty, or the centroid file lists a label the mask lacks or a point outside the image.
     """
-    stored_mask = _prepare_mask(load_volume(files.mask, label=True), files.label_scheme)
+    stored_mask = _prepare_mask(read_label_map(files.mask), files.label_scheme)
     labels = to_canonical(stored_mask, spacing_mm, label=True)
     ct = None
     if files.ct is not None:
-        stored_ct = load_volume(files.ct)
+        stored_ct = read_image(files.ct)
         check_same_grid(stored_mask, stored_ct)
         ct = to_canonical(stored_ct, spacing_mm, label=False)
     centroids = _canonical_centroids(stored_mask, labels, files.centroids)
@@ -165,7 +169,8 @@ def load_case(files: CaseFiles, spacing_mm: float | None = 1.0) -> SpineCase:
         stored_healthy_ct = load_volume(files.healthy_ct)
         check_same_grid(stored_mask, stored_healthy_ct)
         healthy_ct = to_canonical(stored_healthy_ct, spacing_mm, label=False)
-    case = SpineCase(files.case_id, labels, ct, centroids, files.layout, truth, healthy_ct, healthy_labels)
+    case = SpineCase(files.case_id, labels, ct, centroids, files.layout, truth, healthy_ct, healthy_labels,
+                     stored_mask.affine)
     logger.debug("loaded %r", case)
     return case
 

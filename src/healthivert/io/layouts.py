@@ -118,7 +118,8 @@ def _discover_paper(root: Path) -> list[CaseFiles]:
     return cases
 
 
-def _strip_nifti(name: str) -> str:
+def strip_nifti(name: str) -> str:
+    """A file name without its ``.nii`` / ``.nii.gz`` extension."""
     for ext in _NIFTI:
         if name.endswith(ext):
             return name[: -len(ext)]
@@ -135,7 +136,7 @@ def _discover_totalseg(root: Path) -> list[CaseFiles]:
             case = folder.name
             cases.append(CaseFiles(case, case, "totalsegmentator", segmentation, ct, label_scheme="totalseg"))
         for seg in sorted(folder.glob("*_seg*.nii*")):
-            stem = _strip_nifti(seg.name)
+            stem = strip_nifti(seg.name)
             base = stem[: stem.rfind("_seg")]
             ct = _nifti(folder, base) or _nifti(folder, f"{base}_ct")
             if ct is None:

@@ -28,10 +28,9 @@ from healthivert.config import Params, PreprocessParams, dump_params
 from healthivert.data.manifest import COLUMNS, crop_name, read_manifest, resolve, write_manifest
 from healthivert.data.splits import patient_of, split_patients
 from healthivert.errors import InputDataError
-from healthivert.geometry.crops import crop_origin, crop_vertebra
+from healthivert.geometry.crops import crop_affine, crop_vertebra
 from healthivert.geometry.morphometry import heights_on, select_columns
-from healthivert.geometry.spine import NOT_IN_LABEL_MAP, crop_window, prepare_spine, resample_twin
-from healthivert.geometry.straighten import resample
+from healthivert.geometry.spine import NOT_IN_LABEL_MAP, crop_spine, resample_twin
 from healthivert.io.atomic import atomic_dir
 from healthivert.io.case import SpineCase, load_case
 from healthivert.io.grades import read_grades
@@ -66,13 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_metrics_argument(parser)
 
 
-def straightened_width(params: PreprocessParams) -> tuple[int, int]:
-    """AP columns and LR slices of the straightened grid: room for the crops and the whole vertebrae."""
-    _, ap, lr = params.crop_shape
-    margin = int(round(64.0 / params.spacing_mm))
-    return ap + margin, max(lr, int(round(80.0 / params.spacing_mm))) + int(round(16.0 / params.spacing_mm))
-
-
 @dataclasses.dataclass
 class _CaseResult:
     """One case's manifest rows (before grades and splits), skipped vertebrae and height errors (mm)."""
@@ -80,13 +72,6 @@ class _CaseResult:
     rows: list[dict[str, object]]
     skipped: list[dict[str, object]]
     height_errors: list[float]
-
-
-def _crop_affine(base: np.ndarray, origin: tuple[int, int, int]) -> np.ndarray:
-    """Voxel-to-world matrix of a crop whose first voxel is ``origin`` of the straightened grid."""
-    shift = np.eye(4)
-    shift[:3, 3] = origin
-    return base @ shift
 
 
 def _truth_row(case: SpineCase, vertebra: int) -> dict[str, object]:
@@ -129,35 +114,28 @@ def preprocess_case(files: CaseFiles, params: PreprocessParams, out: Path) -> _C
     if len(case.centroids) < 2:
         raise InputDataError(files.mask, f"{len(case.centroids)} vertebra(e) in the label map",
                              "at least two are needed to straighten the spine")
-    crop_shape = tuple(int(s) for s in params.crop_shape)
-    spine = prepare_spine(case.labels.array, case.labels.spacing_mm, case.centroids,
-                          spacing_mm=params.spacing_mm, width=straightened_width(params),
-                          margin_mm=crop_shape[0] / 2.0 * params.spacing_mm, smoothing_mm=params.curve_smoothing_mm,
-                          through_bodies=params.curve_through_bodies, remove_arch=params.depedicle)
+    cropped = crop_spine(case.labels.array, case.ct.array, case.labels.spacing_mm, case.centroids, params, air_hu=AIR_HU)
+    spine = cropped.spine
     result = _CaseResult([], [], [])
     for vid, reason in spine.skipped.items():
         log.warning("%s: vertebra %s skipped: %s", case.case_id, vertebra_name(vid), reason)
         result.skipped.append({"case": case.case_id, "vertebra": vid, "name": vertebra_name(vid), "reason": reason})
     if not spine.order:
         return result
-    origins = {vid: crop_origin(spine.bodies, vid, crop_shape) for vid in spine.order}
-    window = crop_window(list(origins.values()), crop_shape, spine.map.shape)
-    ct = resample(case.ct.array, spine.map, label=False, cval=AIR_HU, window=window)
     healthy_bodies = healthy_ct = None
     if case.healthy_labels is not None and case.healthy_ct is not None:
-        healthy_bodies, healthy_ct = resample_twin(spine, case.healthy_labels.array, case.healthy_ct.array, window,
-                                                   remove_arch=params.depedicle, air_hu=AIR_HU)
+        healthy_bodies, healthy_ct = resample_twin(spine, case.healthy_labels.array, case.healthy_ct.array,
+                                                   cropped.window, remove_arch=params.depedicle, air_hu=AIR_HU)
     affine = spine.map.affine()
-    for vid in spine.order:
-        crop = crop_vertebra(spine.bodies, vid, spine.sequence, crop_shape, params.max_height_mm,
-                             params.spacing_mm, ct, params.hu_window, origin=origins[vid])
+    crop_shape = tuple(int(s) for s in params.crop_shape)
+    for vid, crop in cropped.crops.items():
         name = crop_name(case.case_id, vid)
-        crop_affine = _crop_affine(affine, crop.origin)
+        affine_of_crop = crop_affine(affine, crop.origin)
         row: dict[str, object] = {
             "case": case.case_id, "vertebra": vid, "name": vertebra_name(vid),
-            "ct_path": _save_crop(out, "ct", name, crop.ct, crop_affine),
-            "label_path": _save_crop(out, "label", name, crop.labels, crop_affine),
-            "mask_path": _save_crop(out, "mask", name, crop.mask, crop_affine),
+            "ct_path": _save_crop(out, "ct", name, crop.ct, affine_of_crop),
+            "label_path": _save_crop(out, "label", name, crop.labels, affine_of_crop),
+            "mask_path": _save_crop(out, "mask", name, crop.mask, affine_of_crop),
             "healthy_ct_path": pd.NA, "healthy_label_path": pd.NA,
             "spacing_mm": params.spacing_mm, "hu_lo": params.hu_window[0], "hu_hi": params.hu_window[1],
             "above": crop.above if crop.above is not None else pd.NA,
@@ -169,8 +147,8 @@ def preprocess_case(files: CaseFiles, params: PreprocessParams, out: Path) -> _C
         if healthy_bodies is not None and healthy_ct is not None:
             twin = crop_vertebra(healthy_bodies, vid, spine.sequence, crop_shape, params.max_height_mm,
                                  params.spacing_mm, healthy_ct, params.hu_window, origin=crop.origin)
-            row["healthy_ct_path"] = _save_crop(out, "healthy_ct", name, twin.ct, crop_affine)
-            row["healthy_label_path"] = _save_crop(out, "healthy_label", name, twin.labels, crop_affine)
+            row["healthy_ct_path"] = _save_crop(out, "healthy_ct", name, twin.ct, affine_of_crop)
+            row["healthy_label_path"] = _save_crop(out, "healthy_label", name, twin.labels, affine_of_crop)
             if "truth_h_ant_mm" in row and (twin.labels == vid).any():
                 # the shared height definition: the fractured body measured on the healthy body's columns
                 selection = select_columns(twin.labels == vid)

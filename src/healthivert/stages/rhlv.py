@@ -25,10 +25,10 @@ from tqdm import tqdm
 from healthivert.config import Params
 from healthivert.data.manifest import crop_name, read_manifest, resolve
 from healthivert.errors import InputDataError
-from healthivert.geometry.morphometry import neighbour_baseline, vertebra_heights
 from healthivert.io.atomic import atomic_dir, atomic_path
 from healthivert.io.nifti import Volume, check_same_grid, load_volume, save_volume
-from healthivert.rhlv import height_loss_map, rhlv_with_params
+from healthivert.rhlv.vertebra import THIRD_NAMES, loss_map_volume
+from healthivert.rhlv.vertebra import measure_vertebra as measure_vertebra_crop
 from healthivert.rhlv.figures import height_loss_figure
 from healthivert.stages.common import add_metrics_argument, add_params_arguments, check_outputs, params_from_args, write_metrics
 from healthivert.synthesis.index import read_index
@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 
 TABLE_NAME = "rhlv.parquet"
 MAPS_FOLDER = "maps"
-THIRD_NAMES = ("ant", "mid", "post")
-CORONAL_NAMES = ("right", "mid", "left")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,30 +95,6 @@ def _target(volume: Volume, vertebra: int, name: str) -> np.ndarray:
     return mask
 
 
-def _neighbour_losses(labels: np.ndarray, vertebra: int, spacing: tuple[float, float, float],
-                      params: Params) -> tuple[float, float, float]:
-    """Mask-only baseline: the target's height loss against its neighbours in the crop.
-
-    NaN without a measured neighbour. A third whose own columns all fall below the column threshold
-    (a severe wedge measured on its own columns) counts as height 0, loss 1, as in the reference.
-    """
-    heights = vertebra_heights(labels, spacing, params.rhlv.central_fraction, params.rhlv.column_threshold)
-    baseline = neighbour_baseline(heights).get(vertebra)
-    if baseline is None or baseline.expected is None:
-        return float("nan"), float("nan"), float("nan")
-    own = baseline.heights.as_tuple()
-    losses = (baseline.loss_ant, baseline.loss_mid, baseline.loss_post)
-    return tuple(1.0 if np.isnan(h) else loss for h, loss in zip(own, losses))  # type: ignore[return-value]
-
-
-def _map_volume(loss: np.ndarray, reference: Volume, syn: np.ndarray) -> Volume:
-    """The ``(AP, LR)`` map as a one-row ``(1, AP, LR)`` volume at the synthesised body's central row (0 outside the body)."""
-    centre_row = float(np.mean(np.nonzero(syn.any(axis=(1, 2)))[0]))
-    affine = reference.affine.copy()
-    affine[:3, 3] = reference.affine[:3, :3] @ np.array([centre_row, 0.0, 0.0]) + reference.affine[:3, 3]
-    return Volume(np.nan_to_num(loss, nan=0.0)[None].astype(np.float32), affine)
-
-
 def measure_vertebra(row: pd.Series, data: Path, syn_path: Path, params: Params
                      ) -> tuple[dict[str, object], np.ndarray, Volume]:
     """RHLV (sagittal and coronal) of one manifest row; returns the table record and the loss map.
@@ -133,36 +107,19 @@ def measure_vertebra(row: pd.Series, data: Path, syn_path: Path, params: Params
     original = load_volume(resolve(data, row["label_path"]), label=True)
     synthesised = load_volume(syn_path, label=True)
     check_same_grid(original, synthesised)
-    ori = _target(original, int(row["vertebra"]), name)
+    _target(original, int(row["vertebra"]), name)
     syn = _target(synthesised, int(row["vertebra"]), name)
-    spacing = original.spacing_mm
-    sagittal = rhlv_with_params(syn, ori, spacing, params.rhlv, "sagittal")
-    coronal = rhlv_with_params(syn, ori, spacing, params.rhlv, "coronal")
-    unmeasured = [third for third, value in zip(THIRD_NAMES, sagittal.as_tuple()) if not np.isfinite(value)]
-    problem = ""
-    if unmeasured:
+    measured = measure_vertebra_crop(original.array, synthesised.array, int(row["vertebra"]), original.spacing_mm,
+                                     params.rhlv)
+    if measured.values["problem"]:
         # a degenerate synthesis is reported on its row (and not graded), not allowed to stop the whole run
-        problem = f"no measurable column in the {', '.join(unmeasured)} third(s) of the synthesised body"
-        log.warning("%s: %s: %s", syn_path, name, problem)
-    record = {
-        "case": row["case"], "vertebra": int(row["vertebra"]), "name": row["name"], "split": row["split"],
-        "grade": row["grade"], "fracture_type": row["fracture_type"], "measurable": not unmeasured, "problem": problem,
-        "rhlv_ant": sagittal.ant, "rhlv_mid": sagittal.mid, "rhlv_post": sagittal.post, "rhlv_body": sagittal.body,
-        "rhlv_max": float(np.max(sagittal.as_tuple())), "shape_ratio": sagittal.shape_ratio,
-    }
-    for part in ("ant", "mid", "post", "body"):
-        record[f"h_syn_{part}_mm"] = getattr(sagittal.syn, f"{part}_mm")
-        record[f"h_ori_{part}_mm"] = getattr(sagittal.ori, f"{part}_mm")
-    for third, value in zip(CORONAL_NAMES, coronal.as_tuple()):
-        record[f"rhlv_cor_{third}"] = value
-    baseline = _neighbour_losses(original.array, int(row["vertebra"]), spacing, params)
-    for third, value in zip(THIRD_NAMES, baseline):
-        record[f"baseline_loss_{third}"] = value
-    record["baseline_loss_max"] = max(baseline) if not np.isnan(baseline).any() else float("nan")
+        log.warning("%s: %s: %s", syn_path, name, measured.values["problem"])
+    record = {"case": row["case"], "vertebra": int(row["vertebra"]), "name": row["name"], "split": row["split"],
+              "grade": row["grade"], "fracture_type": row["fracture_type"], **measured.values}
     for third in THIRD_NAMES:
         record[f"truth_loss_{third}"] = row[f"truth_loss_{third}"]
-    loss = height_loss_map(syn, ori, spacing)
-    return record, loss, _map_volume(loss, original, syn)
+    loss = measured.loss_map
+    return record, loss, loss_map_volume(loss, original.affine, syn)
 
 
 def summarise(table: pd.DataFrame) -> dict[str, float]:

@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 
 from healthivert.config import Params
-from healthivert.errors import InputDataError
+from healthivert.errors import ConfigError, InputDataError
 from healthivert.io.tables import read_table
 from healthivert.grading import GRADES, GradingResult, fit_grader
+from healthivert.inference.bundle import write_bundle
 from healthivert.io.atomic import atomic_dir, atomic_path
 from healthivert.stages.common import add_metrics_argument, add_params_arguments, check_outputs, params_from_args, write_metrics
 from healthivert.tracking.runs import stage_run
@@ -36,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``healthivert svm-fit``."""
     parser.add_argument("--rhlv", type=Path, required=True, metavar="FILE", help="rhlv.parquet of the rhlv stage")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    bundle = parser.add_argument_group("grader bundle (all three or none): what `healthivert grade` loads")
+    bundle.add_argument("--coarse", type=Path, metavar="DIR", help="train-coarse's model folder (the classifier)")
+    bundle.add_argument("--fine", type=Path, metavar="DIR", help="train-fine's model folder (the generators)")
+    bundle.add_argument("--grader-out", type=Path, metavar="DIR", help="grader bundle folder (replaced whole)")
     add_params_arguments(parser)
     add_metrics_argument(parser)
 
@@ -45,11 +50,27 @@ def execute(args: argparse.Namespace) -> None:
     params = params_from_args(args)
     check_outputs(folders=[args.out], files=[args.metrics])
     with stage_run("svm-fit", params, ("svm_fit",)) as tracker:
+        bundle_paths = (args.coarse, args.fine, args.grader_out)
+        if any(p is not None for p in bundle_paths) and not all(p is not None for p in bundle_paths):
+            raise ConfigError("--grader-out", "needs --coarse, --fine and --grader-out together")
         metrics = run(params, args.rhlv, args.out)
+        if args.grader_out is not None:
+            write_bundle(args.grader_out, params, args.coarse, args.fine, args.out, training_data(args.rhlv))
+            tracker.log_artifacts(args.grader_out, "grader")  # grade --model runs:/<run id>/grader
         tracker.log_metrics(metrics)
         tracker.log_artifact(args.out / PREDICTIONS_NAME)
         tracker.log_model_files(args.out / MODEL_NAME, "svm")
     write_metrics(args.metrics, metrics)
+
+
+def training_data(rhlv_table: Path) -> dict[str, object]:
+    """What the models were trained on, as the grader bundle and its reports state it."""
+    table = read_table(rhlv_table, "RHLV table", "run 'healthivert rhlv' first")
+    truth = [c for c in table.columns if c.startswith("truth_loss_")]
+    phantom = bool(truth) and bool(table[truth].notna().all(axis=None))
+    return {"source": "synthetic phantoms (healthivert phantom)" if phantom else "scans with Genant grades",
+            "cases": int(table["case"].nunique()), "vertebrae": int(len(table)),
+            "splits": {str(k): int(v) for k, v in table["split"].value_counts().items()}}
 
 
 def read_rhlv_table(path: Path, features: tuple[str, ...]) -> pd.DataFrame:

@@ -14,20 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from healthivert.config import Params
 from healthivert.data.dataset import attention_path
 from healthivert.data.manifest import crop_name, read_manifest, resolve
-from healthivert.errors import CheckpointError
 from healthivert.io.atomic import atomic_dir
 from healthivert.io.nifti import check_same_grid, load_volume, save_volume
-from healthivert.models import generator_file, load_view_generator
-from healthivert.models.generator import HealthiVertGenerator, Stage
 from healthivert.stages.common import add_metrics_argument, add_params_arguments, check_outputs, params_from_args, write_metrics
 from healthivert.synthesis.index import write_index
-from healthivert.synthesis.iterative import prepare_for_synthesis, synthesise_vertebra
+from healthivert.synthesis.iterative import load_view_generators, synthesise_vertebra
 from healthivert.tracking.runs import stage_run
 from healthivert.training.runtime import choose_device, choose_precision
 
@@ -54,27 +50,6 @@ def execute(args: argparse.Namespace) -> None:
     write_metrics(args.metrics, metrics)
 
 
-def load_view_generators(model_dir: Path, params: Params, device: torch.device
-                         ) -> tuple[dict[str, HealthiVertGenerator], Stage]:
-    """The generator of each view in ``params.synthesize.views`` (ready for synthesis) and their training stage.
-
-    Raises:
-        CheckpointError: a file is missing, of another architecture, trained on another view, or the
-            views' generators come from different stages.
-    """
-    generators, stages = {}, set()
-    for view in params.synthesize.views:
-        generator, extra = load_view_generator(model_dir, view, device, expected=params.model)
-        generators[view] = prepare_for_synthesis(generator)
-        stages.add(extra.get("stage", "fine"))
-    if len(stages) > 1:
-        raise CheckpointError(model_dir, f"the views' generators come from different stages ({', '.join(sorted(stages))})")
-    stage = stages.pop()
-    if stage not in ("coarse", "fine"):
-        raise CheckpointError(model_dir / generator_file(params.synthesize.views[0]), f"unknown training stage '{stage}'")
-    return generators, stage
-
-
 def _neighbours(row: pd.Series) -> tuple[int, ...]:
     """The target's neighbours in the crop, above first (the synthesis order)."""
     return tuple(int(row[side]) for side in ("above", "below") if not pd.isna(row[side]))
@@ -90,7 +65,7 @@ def run(params: Params, data: Path, attention: Path, model_dir: Path, out: Path)
     settings = params.synthesize
     device = choose_device(settings.device)
     autocast_dtype = choose_precision(device, settings.precision)
-    generators, stage = load_view_generators(model_dir, params, device)
+    generators, stage = load_view_generators(model_dir, params.model, params.synthesize.views, device)
     manifest = read_manifest(data)
     records = []
     started = time.perf_counter()

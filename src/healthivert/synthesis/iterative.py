@@ -28,11 +28,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from healthivert.config import SynthesizeParams
+from healthivert.config import ModelParams, SynthesizeParams, View
+from healthivert.errors import CheckpointError
+from healthivert.models.io import generator_file, load_view_generator
 from healthivert.data.samples import assembly_rows, close_up, make_sample
 from healthivert.models.generator import HealthiVertGenerator, Stage
 
@@ -116,6 +119,27 @@ def prepare_for_synthesis(generator: HealthiVertGenerator) -> HealthiVertGenerat
     on a CPU the full-size generator then takes 1.21 instead of 1.61 s per 16 slices (bf16).
     """
     return generator.eval().to(memory_format=torch.channels_last)
+
+
+def load_view_generators(model_dir: Path, model_params: ModelParams, views: tuple[View, ...] | list[View],
+                         device: torch.device) -> tuple[dict[str, HealthiVertGenerator], Stage]:
+    """The generator of each view of a model folder (ready for synthesis) and their training stage.
+
+    Raises:
+        CheckpointError: a file is missing, of another architecture, trained on another view, or the
+            views' generators come from different stages.
+    """
+    generators, stages = {}, set()
+    for view in views:
+        generator, extra = load_view_generator(model_dir, view, device, expected=model_params)
+        generators[view] = prepare_for_synthesis(generator)
+        stages.add(extra.get("stage", "fine"))
+    if len(stages) > 1:
+        raise CheckpointError(model_dir, f"the views' generators come from different stages ({', '.join(sorted(stages))})")
+    stage = stages.pop()
+    if stage not in ("coarse", "fine"):
+        raise CheckpointError(model_dir / generator_file(views[0]), f"unknown training stage '{stage}'")
+    return generators, stage  # type: ignore[return-value]
 
 
 def _run_generator(generator: HealthiVertGenerator, samples: list[dict[str, np.ndarray]], batch_size: int,
