@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from healthivert.config import ModelParams, SvmFitParams, load_params
+from healthivert.config import SvmFitParams, load_params
 from healthivert.grading import fit_grader
 from healthivert.io.nifti import load_volume
 from healthivert.models import HealthiVertGenerator

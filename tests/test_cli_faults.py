@@ -78,6 +78,9 @@ COMMANDS: dict[str, Command] = {
     "heights": Command(("--mask", "raw/derivatives/sub-phantom000/sub-phantom000_seg-vert_msk.nii.gz", "--out", OUT),
                        out="heights.csv", folder=False, params=False, metrics=False),
     "submit": Command(("--compile-only", OUT), out="pipeline.yaml", folder=False, metrics=False),
+    "grade": Command(("--ct", "raw/rawdata/sub-phantom000/sub-phantom000_ct.nii.gz", "--labels",
+                      "raw/derivatives/sub-phantom000/sub-phantom000_seg-vert_msk.nii.gz", "--model", "model",
+                      "--out", OUT), params=False, metrics=False),
 }
 
 
@@ -181,6 +184,7 @@ SPECIFIC: dict[tuple[str, str], Fault] = {
                                        "absent.nii.gz"),
     ("preprocess", "centroids-not-of-this-mask"): Fault(_preprocess_wrong_centroids, "centroids of label(s) 1, 2"),
     ("preprocess", "input-missing"): Fault(lambda ws, name, command: [*command.argv(name), "--input", "absent"], "absent"),
+    ("grade", "model-missing"): Fault(lambda ws, name, command: command.argv(name), "model"),
     ("synthesize", "model-folder-unreadable"): Fault(_unreadable_model, "cannot read the saved generator: Permission denied",
                                                      restricted=True),
 }

@@ -18,6 +18,7 @@ from healthivert.inference.bundle import load_bundle
 from healthivert.inference.grade import CaseInputs, cases_in_folder, grade_case
 from healthivert.inference.outputs import write_case
 from healthivert.io.layouts import strip_nifti
+from healthivert.stages.common import check_outputs
 from healthivert.training.runtime import choose_device
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def execute(args: argparse.Namespace) -> None:
     """Grade every case named on the command line."""
     if args.ct is not None and args.labels is None:
         raise ConfigError("--labels", "missing", "--ct needs the vertebra labels of the scan")
+    check_outputs(folders=[args.out])
     bundle = load_bundle(args.model, choose_device(args.device))
     cases = case_inputs(args)
     log.info("grader %r", bundle)
