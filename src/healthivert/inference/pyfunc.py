@@ -24,7 +24,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
 from healthivert.errors import HealthiVertError, InputDataError
-from healthivert.inference.bundle import load_bundle
+from healthivert.inference.bundle import GraderBundle, load_bundle
 from healthivert.inference.grade import CaseInputs, grade_case
 from healthivert.io.layouts import strip_nifti
 from healthivert.io.remote import is_s3_uri, local_copy
@@ -41,7 +41,7 @@ OPTIONAL_INPUT_COLUMNS = ("ctd", "case")
 #: the per-vertebra table ``predict`` returns (``grade`` is empty where the vertebra was not graded).
 OUTPUT_COLUMNS = ("case", "vertebra", "name", "graded", "grade", "rhlv_ant", "rhlv_mid", "rhlv_post", "rhlv_max",
                   "flag")
-#: distributions the model needs that are not imported by name from the project's requirements.
+#: what ``mlflow models serve`` needs beside the project's own requirements.
 _SERVING_EXTRAS = ("uvicorn", "fastapi")
 
 SIGNATURE = ModelSignature(
@@ -86,7 +86,7 @@ def case_inputs(row: pd.Series, cache: Path) -> CaseInputs:
     return CaseInputs(name, ct, files["labels"], files["ctd"])
 
 
-def grades_table(rows: pd.DataFrame, bundle: Any) -> pd.DataFrame:
+def grades_table(rows: pd.DataFrame, bundle: GraderBundle) -> pd.DataFrame:
     """Grade every scan of ``rows`` with a loaded bundle; one row per vertebra (:data:`OUTPUT_COLUMNS`).
 
     Raises:
@@ -129,16 +129,16 @@ class GraderModel(mlflow.pyfunc.PythonModel):
 
 
 def pip_requirements() -> list[str]:
-    """The runtime requirements of the installed ``healthivert``, pinned to the installed versions."""
+    """The runtime requirements of the installed ``healthivert`` and the model server, pinned to the installed versions."""
+    from packaging.requirements import Requirement
+
     pinned = {}
-    for requirement in [*(metadata.requires("healthivert") or []), *_SERVING_EXTRAS]:
-        if "extra ==" in requirement:
+    for text in [*(metadata.requires("healthivert") or []), *_SERVING_EXTRAS]:
+        requirement = Requirement(text)
+        if requirement.marker is not None and "extra" in str(requirement.marker):
             continue
-        name = requirement.split(";")[0].split("[")[0]
-        for separator in ("=", "<", ">", "~", "!", " "):
-            name = name.split(separator)[0]
         try:
-            pinned[name] = f"{name}=={metadata.version(name).split('+')[0]}"
+            pinned[requirement.name] = f"{requirement.name}=={metadata.version(requirement.name).split('+')[0]}"
         except metadata.PackageNotFoundError:
             continue
     return sorted(pinned.values())
