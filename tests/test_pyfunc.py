@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import mlflow
 import numpy as np
 import pandas as pd
@@ -23,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from healthivert.cli import main
 from healthivert.inference.pyfunc import OUTPUT_COLUMNS, REGISTERED_NAME
 from healthivert.tracking.pipeline import PIPELINE_GROUP_ENV, PIPELINE_RUN_ENV
+from conftest import BUCKET
 from test_grade import GRADED_CASE, _params, dag  # noqa: F401  (the module-scoped bundle fixture)
 
 
@@ -134,3 +136,25 @@ def test_served_model_answers_invocations_and_refuses_bad_rows(registered: str, 
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_rows_read_from_s3_and_a_non_nifti_object_is_named(registered: str, phantom_root: Path, s3: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered)
+    model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_NAME}/1")
+    local = _case_row(phantom_root)
+    client = boto3.client("s3")
+    uris = {}
+    for column, path in local.items():
+        key = f"cases/{Path(path).name}"
+        client.upload_file(path, BUCKET, key)
+        uris[column] = f"s3://{BUCKET}/{key}"
+    from_s3 = model.predict(pd.DataFrame([uris]))
+    from_disk = model.predict(pd.DataFrame([local]))
+    pd.testing.assert_frame_equal(from_s3, from_disk, atol=1e-4)
+    client.put_object(Bucket=BUCKET, Key="cases/text_ct.nii.gz", Body=b"not an image")
+    bad = uris | {"ct": f"s3://{BUCKET}/cases/text_ct.nii.gz"}
+    with pytest.raises(MlflowException) as error:
+        model.predict(pd.DataFrame([bad]))
+    message = error.value.message
+    assert "\n" not in message and message.startswith(bad["ct"]), message

@@ -99,7 +99,13 @@ def grades_table(rows: pd.DataFrame, bundle: GraderBundle) -> pd.DataFrame:
     tables = []
     with tempfile.TemporaryDirectory(prefix="healthivert-grade-") as cache:
         for _, row in rows.iterrows():
-            graded = grade_case(case_inputs(row, Path(cache)), bundle, progress=False)
+            inputs = case_inputs(row, Path(cache))
+            try:
+                graded = grade_case(inputs, bundle, progress=False)
+            except HealthiVertError as exc:  # name the URI the row gave, not the download in the cache
+                given = {inputs.ct: "ct", inputs.labels: "labels", inputs.centroids: "ctd"}
+                uris = {str(path): _text(row, column) for path, column in given.items() if path is not None}
+                raise type(exc)(uris.get(exc.source) or exc.source, exc.problem, exc.hint) from exc
             tables.append(pd.DataFrame(graded.table_rows()))
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=list(OUTPUT_COLUMNS))
     table = table.reindex(columns=list(OUTPUT_COLUMNS))
