@@ -128,6 +128,7 @@ def test_served_model_answers_invocations_and_refuses_bad_rows(registered: str, 
         served = pd.DataFrame(answer["predictions"])
         assert list(served.columns) == list(OUTPUT_COLUMNS) and len(served) > 0
         assert (served["case"] == GRADED_CASE).all() and served["graded"].any()
+        assert all(isinstance(grade, int) for grade in served.loc[served["graded"], "grade"])
         bad = row | {"ct": str(phantom_root / "nowhere_ct.nii.gz")}
         status, answer = _post(f"{base}/invocations", json.dumps({"dataframe_records": [bad]}).encode())
         assert 400 <= status < 500 and "nowhere_ct.nii.gz: not found" in answer["message"], (status, answer)

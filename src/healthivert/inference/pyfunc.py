@@ -48,7 +48,7 @@ SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "ct"), ColSpec("string", "labels"),
                    ColSpec("string", "ctd", required=False), ColSpec("string", "case", required=False)]),
     outputs=Schema([ColSpec("string", "case"), ColSpec("long", "vertebra"), ColSpec("string", "name"),
-                    ColSpec("boolean", "graded"), ColSpec("double", "grade", required=False),
+                    ColSpec("boolean", "graded"), ColSpec("long", "grade", required=False),
                     *(ColSpec("double", name, required=False) for name in ("rhlv_ant", "rhlv_mid", "rhlv_post", "rhlv_max")),
                     ColSpec("string", "flag")]),
 )
@@ -109,7 +109,7 @@ def grades_table(rows: pd.DataFrame, bundle: GraderBundle) -> pd.DataFrame:
             tables.append(pd.DataFrame(graded.table_rows()))
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=list(OUTPUT_COLUMNS))
     table = table.reindex(columns=list(OUTPUT_COLUMNS))
-    return table.astype({"case": str, "vertebra": "int64", "name": str, "graded": bool, "grade": "float64",
+    return table.astype({"case": str, "vertebra": "int64", "name": str, "graded": bool, "grade": "Int64",
                          "flag": str, **{c: "float64" for c in ("rhlv_ant", "rhlv_mid", "rhlv_post", "rhlv_max")}})
 
 
