@@ -363,6 +363,8 @@ class TrackingParams(Section):
     enabled: bool = True
     experiment: str = Field("healthivert", min_length=1)
     register_models: bool = True
+    #: the registry name svm-fit registers the grader under (the MLflow model ``mlflow.pyfunc`` loads).
+    grader_model_name: str = Field("healthivert-grader", min_length=1)
 
 
 class Params(Section):

@@ -2,7 +2,8 @@
 
 Writes ``svm.json`` (the RHLV model), ``baseline_svm.json`` (the same fit on the neighbour baseline's
 losses, for comparison) and ``predictions.parquet`` (``case, vertebra, split, grade, predicted,
-predicted_baseline``); the model is logged (and registered) in MLflow.
+predicted_baseline``); the model is logged (and registered) in MLflow, and so is the grader bundle, as the
+MLflow model ``healthivert-grader`` (:mod:`healthivert.inference.pyfunc`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def execute(args: argparse.Namespace) -> None:
         if args.grader_out is not None:
             write_bundle(args.grader_out, params, args.coarse, args.fine, args.out, training_data(args.rhlv))
             tracker.log_artifacts(args.grader_out, "grader")  # grade --model runs:/<run id>/grader
+            tracker.log_grader_model(args.grader_out, params.tracking.grader_model_name)
         tracker.log_metrics(metrics)
         tracker.log_artifact(args.out / PREDICTIONS_NAME)
         tracker.log_model_files(args.out / MODEL_NAME, "svm")

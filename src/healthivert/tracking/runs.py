@@ -152,6 +152,15 @@ class StageTracker:
                                      pip_requirements=_pip_requirements(),
                                      registered_model_name=self._registered(name, registered_name))
 
+    def log_grader_model(self, bundle_dir: str | os.PathLike[str], registered_name: str) -> None:
+        """Log a grader bundle as the MLflow model ``healthivert-grader`` (see
+        :func:`healthivert.inference.pyfunc.log_grader_model`), registered as ``registered_name``
+        when registering is on."""
+        if self.active:
+            from healthivert.inference.pyfunc import log_grader_model
+
+            log_grader_model(bundle_dir, registered_name if self.register_models else None)
+
     def log_model_files(self, path: str | os.PathLike[str], name: str, registered_name: str | None = None) -> None:
         """Log a saved model (a file or a folder, e.g. ``models/svm``) and register it as is.
 
