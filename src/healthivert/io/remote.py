@@ -222,7 +222,7 @@ class FolderMirror:
         while not self._stop.wait(self.interval_s):
             try:
                 self.sync()
-            except InputDataError as exc:  # a transient failure: the next round retries
+            except (InputDataError, OSError) as exc:  # transient (S3, or a file replaced mid-scan): retried next round
                 log.warning("checkpoint upload failed: %s", exc)
 
     def start(self) -> None:
