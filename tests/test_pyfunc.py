@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from healthivert.cli import main
 from healthivert.inference.pyfunc import OUTPUT_COLUMNS, REGISTERED_NAME
 from healthivert.tracking.pipeline import PIPELINE_GROUP_ENV, PIPELINE_RUN_ENV
-from conftest import BUCKET
+from conftest import BUCKET, free_port, wait_until_answering
 from test_grade import GRADED_CASE, _params, dag  # noqa: F401  (the module-scoped bundle fixture)
 
 
@@ -87,12 +85,6 @@ def test_a_missing_file_is_one_line_naming_it(registered: str, phantom_root: Pat
     assert "\n" not in message and "nowhere_msk.nii.gz: not found" in message, message
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _post(url: str, body: bytes) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
@@ -104,24 +96,14 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
 
 def test_served_model_answers_invocations_and_refuses_bad_rows(registered: str, phantom_root: Path,
                                                                tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{REGISTERED_NAME}/1",
                                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                               env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("w"))
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the model server did not answer /ping in 90 s"
-            time.sleep(0.5)
+        wait_until_answering(f"{base}/ping", server, tmp_path / "server.log")
         row = _case_row(phantom_root)
         status, answer = _post(f"{base}/invocations", json.dumps({"dataframe_records": [row]}).encode())
         assert status == 200, answer

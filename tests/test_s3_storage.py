@@ -11,8 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import boto3
 import pytest
 import yaml
 
-from conftest import BUCKET, free_port
+from conftest import BUCKET, free_port, wait_until_answering
 
 from healthivert.cli import main
 from healthivert.config import load_params
@@ -88,17 +86,7 @@ def mlflow_server(s3: str, tmp_path: Path) -> Iterator[str]:
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_until_answering(f"{url}/health", process, tmp_path / "mlflow-server.log")
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)

@@ -27,7 +27,7 @@ from healthivert.io.nifti import Volume, save_volume
 from healthivert.io.resample import reorient
 from healthivert.phantom.anatomy import VertebraSpec, genant_grade, third_heights
 from healthivert.phantom.real import generate_real_case, load_real_spine
-from healthivert.phantom.render import render_spine
+from healthivert.phantom.render import RenderedSpine, render_spine
 from healthivert.phantom.spine import SpineLayout, sample_spine
 
 logger = logging.getLogger(__name__)
@@ -103,28 +103,14 @@ def generate_case(rng: np.random.Generator, params: PhantomParams, case_id: str 
     in_plane = float(rng.uniform(low, high))
     spacing = (float(rng.uniform(low, high)), in_plane, in_plane)
     rendered = render_spine(layout, spacing, rng)
-    noise = rng.standard_normal(rendered.ct.shape, dtype=np.float32) * np.float32(params.noise_hu)
     affine = ipl_affine(spacing, origin_mm=np.array([layout.fov_mm[2] / 2, layout.fov_mm[1] / 2, 0.0]))
-    orientation = str(rng.choice(list(params.orientations)))
-    return PhantomCase(
-        case_id=case_id,
-        ct=Volume(rendered.ct + noise, affine),
-        labels=Volume(rendered.labels, affine),
-        healthy_ct=Volume(rendered.healthy_ct + noise, affine),
-        healthy_labels=Volume(rendered.healthy_labels, affine),
-        truth=truth_table(layout.vertebrae),
-        layout=layout,
-        storage_orientation=orientation,
-    )
+    return _noisy_case(rng, params, case_id, rendered, affine, truth_table(layout.vertebrae), layout, "drawn")
 
 
-def real_shape_case(rng: np.random.Generator, params: PhantomParams, source: RealShapeSource, spine_labels: Volume,
-                    case_id: str) -> PhantomCase:
-    """One case from a real spine (see :mod:`healthivert.phantom.real`): noise, grid and storage as a drawn case's."""
-    rendered, truth, spacing = generate_real_case(rng, params, source, spine_labels, case_id)
+def _noisy_case(rng: np.random.Generator, params: PhantomParams, case_id: str, rendered: RenderedSpine,
+                affine: np.ndarray, truth: pd.DataFrame, layout: SpineLayout | None, source: str) -> PhantomCase:
+    """A :class:`PhantomCase` of a rendered spine: scanner noise (the same on the healthy twin), a storage orientation."""
     noise = rng.standard_normal(rendered.ct.shape, dtype=np.float32) * np.float32(params.noise_hu)
-    shape = rendered.ct.shape
-    affine = ipl_affine(spacing, origin_mm=np.array([shape[2] * spacing[2] / 2, shape[1] * spacing[1] / 2, 0.0]))
     return PhantomCase(
         case_id=case_id,
         ct=Volume(rendered.ct + noise, affine),
@@ -132,10 +118,19 @@ def real_shape_case(rng: np.random.Generator, params: PhantomParams, source: Rea
         healthy_ct=Volume(rendered.healthy_ct + noise, affine),
         healthy_labels=Volume(rendered.healthy_labels, affine),
         truth=truth,
-        layout=None,
+        layout=layout,
         storage_orientation=str(rng.choice(list(params.orientations))),
-        source="real-shape",
+        source=source,
     )
+
+
+def real_shape_case(rng: np.random.Generator, params: PhantomParams, source: RealShapeSource, spine_labels: Volume,
+                    case_id: str) -> PhantomCase:
+    """One case from a real spine (see :mod:`healthivert.phantom.real`): noise, grid and storage as a drawn case's."""
+    rendered, truth, spacing = generate_real_case(rng, params, source, spine_labels, case_id)
+    shape = rendered.ct.shape
+    affine = ipl_affine(spacing, origin_mm=np.array([shape[2] * spacing[2] / 2, shape[1] * spacing[1] / 2, 0.0]))
+    return _noisy_case(rng, params, case_id, rendered, affine, truth, None, "real-shape")
 
 
 def _stored(volume: Volume, orientation: str, dtype: type) -> Volume:
