@@ -15,6 +15,9 @@ from components.stages import build_components
 GPU_RESOURCE = "nvidia.com/gpu"
 #: steps that train or run the generator (the ones worth a GPU).
 GPU_STEPS = ("train-coarse", "train-fine", "synthesize")
+#: CPU and memory requests of each step.
+RESOURCES = {"dataset": ("1", "2G"), "preprocess": ("2", "8G"), "train-coarse": ("4", "16G"), "train-fine": ("4", "16G"),
+             "synthesize": ("4", "16G"), "rhlv": ("2", "8G"), "svm-fit": ("1", "4G"), "evaluate": ("2", "8G")}
 
 
 def build_pipeline(image: str, gpus: int = 1, params_json: str = "", mlflow_uri: str = "", dataset_uri: str = "",
@@ -60,9 +63,13 @@ def build_pipeline(image: str, gpus: int = 1, params_json: str = "", mlflow_uri:
                              **common).set_display_name("rhlv")
         svm = steps.svm_fit(rhlv_data=heights.outputs["rhlv_data"], coarse=coarse.outputs["coarse"],
                             fine=fine.outputs["fine"], **common).set_display_name("svm-fit")
-        steps.evaluate(preprocessed=data, synthesized=synth.outputs["synthesized"],
-                       rhlv_data=heights.outputs["rhlv_data"], svm=svm.outputs["svm"],
-                       **common).set_display_name("evaluate")
+        report = steps.evaluate(preprocessed=data, synthesized=synth.outputs["synthesized"],
+                                rhlv_data=heights.outputs["rhlv_data"], svm=svm.outputs["svm"],
+                                **common).set_display_name("evaluate")
+        for name, task in {"dataset": source, "preprocess": pre, "train-coarse": coarse, "train-fine": fine,
+                           "synthesize": synth, "rhlv": heights, "svm-fit": svm, "evaluate": report}.items():
+            cpu, memory = RESOURCES[name]
+            task.set_cpu_request(cpu).set_memory_request(memory)
         if gpus:
             for task in (coarse, fine, synth):
                 task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)

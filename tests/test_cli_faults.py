@@ -33,6 +33,7 @@ from healthivert.config import Params, PhantomParams, dump_params
 from healthivert.phantom.generator import write_dataset
 
 OUT = "{out}"
+GRADE_PIPELINE = str(Path(__file__).resolve().parents[1] / "pipelines" / "grade_pipeline.py")
 NOBODY = 65534
 #: the flags of every parameter-reading command: the workspace's parameters (tracking off).
 PARAMS = ("--params", "params.yaml")
@@ -78,6 +79,7 @@ COMMANDS: dict[str, Command] = {
     "heights": Command(("--mask", "raw/derivatives/sub-phantom000/sub-phantom000_seg-vert_msk.nii.gz", "--out", OUT),
                        out="heights.csv", folder=False, params=False, metrics=False),
     "submit": Command(("--compile-only", OUT), out="pipeline.yaml", folder=False, metrics=False),
+    "grade-cohort": Command(("--prefix", "raw", "--model", "model", "--out", OUT), params=False, metrics=False),
     "grade": Command(("--ct", "raw/rawdata/sub-phantom000/sub-phantom000_ct.nii.gz", "--labels",
                       "raw/derivatives/sub-phantom000/sub-phantom000_seg-vert_msk.nii.gz", "--model", "model",
                       "--out", OUT), params=False, metrics=False),
@@ -185,6 +187,23 @@ SPECIFIC: dict[tuple[str, str], Fault] = {
     ("preprocess", "centroids-not-of-this-mask"): Fault(_preprocess_wrong_centroids, "centroids of label(s) 1, 2"),
     ("preprocess", "input-missing"): Fault(lambda ws, name, command: [*command.argv(name), "--input", "absent"], "absent"),
     ("grade", "model-missing"): Fault(lambda ws, name, command: command.argv(name), "model"),
+    ("grade-cohort", "model-missing"): Fault(lambda ws, name, command: command.argv(name),
+                                             "model: grader bundle folder not found"),
+    ("grade-cohort", "nothing-to-grade"): Fault(lambda ws, name, command: [name, "--model", "model", "--out", "result"],
+                                                "--cases: nothing to grade"),
+    ("grade-cohort", "case-not-json"): Fault(lambda ws, name, command: [*command.argv(name), "--cases", "{raw"],
+                                             "--cases {{raw: not a JSON object"),
+    ("submit", "grade-with-training-params"): Fault(lambda ws, name, command: [*command.argv(name), "--pipeline",
+                                                                                GRADE_PIPELINE],
+                                                    "--params: not a flag of the grade pipeline"),
+    ("submit", "grade-parallelism-zero"): Fault(lambda ws, name, command: [name, "--compile-only", command.out,
+                                                                            "--pipeline", GRADE_PIPELINE, "--parallelism", "0"],
+                                                "--parallelism: must be 1 or more, got 0"),
+    ("submit", "grade-without-grader"): Fault(lambda ws, name, command: [name, "--host", "http://127.0.0.1:9", "--pipeline",
+                                                                          GRADE_PIPELINE, "--prefix", "s3://cohort/scans"],
+                                              "--grader: missing"),
+    ("submit", "grader-on-train"): Fault(lambda ws, name, command: [*command.argv(name), "--grader", "model"],
+                                         "--grader: not a flag of the train pipeline"),
     ("synthesize", "model-folder-unreadable"): Fault(_unreadable_model, "cannot read the saved generator: Permission denied",
                                                      restricted=True),
 }

@@ -64,6 +64,7 @@ def test_compiled_dag(tmp_path: Path) -> None:
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {"registry.example/healthivert:test"}
     assert not any("pip install" in " ".join(e["container"]["command"]) for e in executors.values())
+    assert all({"resourceCpuRequest", "resourceMemoryRequest"} <= set(e["container"]["resources"]) for e in executors.values())
     gpu = {name.removeprefix("exec-") for name, e in executors.items() if "accelerator" in e["container"].get("resources", {})}
     assert gpu == {"train-coarse", "train-fine", "synthesize"}
     assert executors["exec-train-coarse"]["container"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
@@ -188,6 +189,7 @@ TINY = {
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")  # no image locally
+@pytest.mark.filterwarnings("ignore:Task .*have no effect in the current local runner:UserWarning")  # resource requests
 def test_pipeline_runs_locally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kfp import local
 

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("healthivert.stages.evaluate", "stage 7: metrics, plots and the HTML report"),
     "heights": ("healthivert.stages.heights", "mask-only morphometry: body heights and height loss of every vertebra"),
     "grade": ("healthivert.stages.grade", "grade the vertebrae of your own CT scans with a trained grader bundle"),
+    "grade-cohort": ("healthivert.stages.grade_cohort", "grade a cohort (folders or S3) into one table and a summary"),
     "submit": ("healthivert.stages.submit", "compile the Kubeflow pipeline and submit it (or only compile it)"),
 }
 

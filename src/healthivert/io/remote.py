@@ -148,6 +148,19 @@ def local_copy(location: str, cache: str | os.PathLike[str], folder: bool) -> Pa
     return download_prefix(location, cache) if folder else download_file(location, cache)
 
 
+def upload_file(path: str | os.PathLike[str], uri: str) -> None:
+    """Upload one local file to the object ``uri``.
+
+    Raises:
+        InputDataError: the bucket does not exist, access is refused, or the endpoint is unreachable.
+    """
+    bucket, key = split_s3_uri(uri)
+    try:
+        _client().upload_file(str(path), bucket, key)
+    except _s3_errors() as exc:
+        raise _explain(uri, exc) from exc
+
+
 def upload_folder(folder: str | os.PathLike[str], uri: str, sent: dict[str, tuple[int, float]] | None = None) -> int:
     """Upload the files of ``folder`` under ``uri``, skipping those ``sent`` records unchanged.
 

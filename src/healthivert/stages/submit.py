@@ -1,4 +1,7 @@
-"""``healthivert submit``: compile the Kubeflow pipeline and send it to a KFP endpoint, or only compile it.
+"""``healthivert submit``: compile a Kubeflow pipeline and send it to a KFP endpoint, or only compile it.
+
+Two pipelines share the project's image: ``train`` (``pipelines/healthivert_pipeline.py``, the DVC DAG)
+and ``grade`` (``pipelines/grade_pipeline.py``, a cohort graded in parallel with a grader bundle).
 
 Also the in-container side of every Kubeflow step (:func:`run_step`): the lightweight components in
 ``components/`` only hand their artifact paths to it, so a step runs exactly the CLI command that DVC
@@ -30,6 +33,13 @@ from healthivert.stages.common import add_params_arguments, check_outputs, param
 log = logging.getLogger(__name__)
 
 DEFAULT_PIPELINE_FILE = Path("pipelines") / "healthivert_pipeline.py"
+#: pipeline names ``--pipeline`` accepts (a file path is accepted too), relative to the project root.
+PIPELINES = {"train": DEFAULT_PIPELINE_FILE, "grade": Path("pipelines") / "grade_pipeline.py"}
+DEFAULT_PARALLELISM = 4
+#: flags that belong to one kind of pipeline only (their default is None: "not given").
+TRAIN_FLAGS = {"params": "--params", "overrides": "--set", "checkpoints": "--checkpoints"}
+GRADE_FLAGS = {"cases": "--cases", "prefix": "--prefix", "grader": "--grader", "output": "--output",
+               "parallelism": "--parallelism"}
 DEFAULT_IMAGE = "ghcr.io/healthivert/healthivert"
 DEFAULT_TAG = "0.1.0-cuda"
 
@@ -147,7 +157,8 @@ def params_json(params: Params) -> str:
 def load_pipeline_module(path: Path) -> ModuleType:
     """Import the pipeline definition file (its project root goes on ``sys.path`` for ``components``)."""
     if not path.is_file():
-        raise InputDataError(path, "pipeline definition not found", "run from the project root or pass --pipeline")
+        raise InputDataError(path, "pipeline definition not found",
+                             f"run from the project root, or give --pipeline {' or '.join(PIPELINES)} or a file")
     root = str(path.resolve().parents[1])
     if root not in sys.path:
         sys.path.insert(0, root)
@@ -164,18 +175,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--compile-only", type=Path, metavar="FILE", help="write the pipeline IR YAML here, send nothing")
     parser.add_argument("--experiment", default="healthivert", help="KFP experiment of the run")
     parser.add_argument("--run-name", help="name of the KFP run (default: KFP's)")
-    parser.add_argument("--pipeline", type=Path, default=DEFAULT_PIPELINE_FILE, metavar="FILE",
-                        help=f"pipeline definition (default: {DEFAULT_PIPELINE_FILE})")
-    add_params_arguments(parser)  # resolved and validated here; the result is the run's params_json
+    parser.add_argument("--pipeline", default="train", metavar="NAME|FILE",
+                        help=f"{' or '.join(PIPELINES)} (the files {', '.join(map(str, PIPELINES.values()))}), "
+                             "or a pipeline definition file (default: train)")
+    add_params_arguments(parser)  # train: resolved and validated here; the result is the run's params_json
     parser.add_argument("--image", default=DEFAULT_IMAGE, help=f"container image of every step (default: {DEFAULT_IMAGE})")
     parser.add_argument("--tag", default=DEFAULT_TAG, help=f"image tag (default: {DEFAULT_TAG})")
     parser.add_argument("--gpus", type=int, default=1, metavar="N",
-                        help="GPUs requested by train-coarse, train-fine and synthesize (0: none)")
+                        help="GPUs requested by train-coarse, train-fine and synthesize, or by each grade-case step (0: none)")
     parser.add_argument("--mlflow-uri", default="", metavar="URI",
                         help="MLflow tracking URI reachable from the cluster (empty: no tracking)")
-    parser.add_argument("--checkpoints", default="", metavar="URI",
-                        help="where training steps keep their checkpoints, to resume after a lost pod: an s3:// prefix "
-                             "or a path on a mounted volume (default: inside the pod)")
+    parser.add_argument("--checkpoints", metavar="URI",
+                        help="train: where training steps keep their checkpoints, to resume after a lost pod: an s3:// "
+                             "prefix or a path on a mounted volume (default: inside the pod)")
+    grade = parser.add_argument_group("grade pipeline (defaults of its run parameters)")
+    grade.add_argument("--cases", nargs="+", metavar="LOCATION",
+                       help="case locations: folders or s3:// prefixes of cases in any layout preprocess reads, or JSON "
+                            'objects naming one scan\'s files, {"ct": URI, "labels": URI}')
+    grade.add_argument("--prefix", metavar="URI", help="an s3:// prefix (or mounted folder) holding the cases")
+    grade.add_argument("--grader", metavar="MODEL",
+                       help="grader bundle: s3:// prefix, mounted folder or MLflow URI (models:/healthivert-grader@candidate)")
+    grade.add_argument("--output", metavar="URI",
+                       help="s3:// prefix (or mounted folder) for each case's folder and the cohort files (default: "
+                            "the run's artifacts only)")
+    grade.add_argument("--parallelism", type=int, metavar="N",
+                       help=f"cases graded at the same time, at most (default: {DEFAULT_PARALLELISM})")
+
+
+def pipeline_file(name: str) -> Path:
+    """The definition file of ``--pipeline``: a name of :data:`PIPELINES` or a path."""
+    return PIPELINES.get(name, Path(name))
+
+
+def _refuse_foreign_flags(args: argparse.Namespace, kind: str) -> None:
+    """One line for a flag of the other pipeline kind."""
+    foreign = GRADE_FLAGS if kind == "train" else TRAIN_FLAGS
+    for attribute, flag in foreign.items():
+        if getattr(args, attribute) not in (None, []):
+            raise ConfigError(flag, f"not a flag of the {kind} pipeline",
+                              f"it is for --pipeline {'grade' if kind == 'train' else 'train'}")
+
+
+def build_grade(build: Callable, args: argparse.Namespace, image: str) -> Any:
+    """The grade pipeline with the run parameters' defaults from the flags.
+
+    Raises:
+        ConfigError: a parallelism below 1, a ``--cases`` entry that is not valid JSON; when submitting,
+            no grader or nothing to grade.
+    """
+    from healthivert.inference.cohort import parse_location
+
+    parallelism = DEFAULT_PARALLELISM if args.parallelism is None else args.parallelism
+    if parallelism < 1:
+        raise ConfigError("--parallelism", f"must be 1 or more, got {parallelism}")
+    cases = [parse_location(text) for text in args.cases or []]
+    if args.host and not args.grader:
+        raise ConfigError("--grader", "missing", "the grader bundle to grade with: s3:// prefix or models:/NAME@ALIAS")
+    if args.host and not (cases or args.prefix):
+        raise ConfigError("--cases", "nothing to grade", "give --cases, --prefix or both")
+    return build(image=image, gpus=args.gpus, parallelism=parallelism, cases=cases, prefix=args.prefix or "",
+                 grader_uri=args.grader or "", output_uri=args.output or "", mlflow_uri=args.mlflow_uri)
 
 
 def execute(args: argparse.Namespace) -> None:
@@ -184,14 +243,24 @@ def execute(args: argparse.Namespace) -> None:
 
     if args.gpus < 0:
         raise ConfigError("--gpus", f"must be 0 or more, got {args.gpus}")
-    params = params_from_args(args)  # validated before anything is compiled or sent
     check_outputs(files=[args.compile_only])
-    module = load_pipeline_module(args.pipeline)
+    if args.pipeline in PIPELINES:  # a name: its flags are checked before its file is read
+        _refuse_foreign_flags(args, args.pipeline)
+    # the training parameters are validated before anything is read, compiled or sent
+    params = params_from_args(args) if args.pipeline == "train" else None
+    module = load_pipeline_module(pipeline_file(args.pipeline))
+    kind = getattr(module, "KIND", "train")
+    _refuse_foreign_flags(args, kind)
     build: Callable = module.build_pipeline
-    data = params.data
-    pipeline = build(image=f"{args.image}:{args.tag}", gpus=args.gpus, params_json=params_json(params),
-                     mlflow_uri=args.mlflow_uri, dataset_uri="" if data.is_phantom else data.source,
-                     grades_uri="" if data.is_phantom else data.grades, checkpoint_uri=args.checkpoints)
+    image = f"{args.image}:{args.tag}"
+    if kind == "grade":
+        pipeline = build_grade(build, args, image)
+    else:
+        params = params or params_from_args(args)
+        data = params.data
+        pipeline = build(image=image, gpus=args.gpus, params_json=params_json(params), mlflow_uri=args.mlflow_uri,
+                         dataset_uri="" if data.is_phantom else data.source,
+                         grades_uri="" if data.is_phantom else data.grades, checkpoint_uri=args.checkpoints or "")
     if args.compile_only:
         with atomic_path(args.compile_only) as tmp:
             compiler.Compiler().compile(pipeline, str(tmp))
