@@ -217,3 +217,20 @@ def test_bad_svm_outputs_are_refused_in_one_line(pipeline: dict[str, Path], tmp_
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_kubeflow_step_gets_the_grouped_metrics_by_their_dotted_names(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    from healthivert.stages.submit import run_step
+
+    class Sink:  # what a KFP Metrics artifact offers a step
+        def __init__(self) -> None:
+            self.logged: dict[str, float] = {}
+
+        def log_metric(self, name: str, value: float) -> None:
+            self.logged[name] = value
+
+    sink = Sink()
+    command = evaluate_argv(pipeline, tmp_path / "out")[:11]  # the subcommand and its paths
+    metrics = run_step(command, json.dumps({"evaluate": {"bootstrap": 50}}), tracking_uri="", metrics_out=sink)
+    assert sink.logged == metrics and list(metrics)[0] == "grading.gan.macro_f1"
+    assert metrics == flatten_metrics(json.loads((tmp_path / "out" / "metrics.json").read_text()))
