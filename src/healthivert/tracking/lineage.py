@@ -52,7 +52,7 @@ def git_commit(root: Path) -> str:
 def _git(root: Path, *args: str) -> str | None:
     """Output of ``git <args>`` in ``root`` (None when git fails or prints nothing)."""
     try:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     if done.returncode != 0:
