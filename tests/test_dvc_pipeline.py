@@ -240,3 +240,14 @@ def test_repro_is_incremental_and_tracked(project: tuple[Path, dict[str, str]]) 
     assert stages[0].data.tags["git.commit"] != stages[1].data.tags["git.commit"]
     assert stages[0].data.params["preprocess.crop_shape"] == "[64, 64, 16]"
     assert json.loads(stages[1].data.params["preprocess.hu_window"]) == [-400.0, 1000.0]
+    # what the MLflow UI's runs table shows: the dataset, the git source and the stage times, on the pipeline run too
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    for parent, stage in zip(parents, stages):
+        for run in (parent, stage):
+            (dataset,) = run.inputs.dataset_inputs
+            assert (dataset.dataset.name, dataset.dataset.source_type) == ("phantom", "local")
+            assert run.data.tags["mlflow.source.git.commit"] == stage.data.tags["git.commit"].removesuffix("+dirty")
+        times = {k: v for k, v in parent.data.metrics.items() if k.startswith("time.") and k != "time.total_s"}
+        assert "time.preprocess_s" in times and parent.data.metrics["time.total_s"] == pytest.approx(sum(times.values()))
+    assert {k for k in parents[0].data.metrics if k.startswith("time.")} == {"time.phantom_s", "time.preprocess_s",
+                                                                               "time.total_s"}

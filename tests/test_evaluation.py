@@ -12,7 +12,9 @@ from sklearn.metrics import f1_score, precision_score, recall_score
 
 from healthivert.evaluation.generation import MAX_PSNR_DB, dice, generation_scores
 from healthivert.evaluation.grading import bootstrap_scores, confusion_stack, macro_scores, paired_bootstrap_difference
-from healthivert.stages.evaluate import comparison_sentence
+from healthivert.config import CandidateGateParams
+from healthivert.stages.common import flatten_metrics, nest_metrics
+from healthivert.stages.evaluate import candidate_verdict, comparison_sentence
 from test_rhlv_stage import NO_PARAMS, main, write_crops, write_synthesis
 
 
@@ -61,15 +63,39 @@ def test_paired_bootstrap_of_the_difference_resamples_patients_together() -> Non
 
 
 def test_comparison_sentence_states_the_paired_difference() -> None:
-    metrics = {"grading_gan_n": 90.0, "grading_gan_macro_f1": 0.95, "grading_gan_macro_f1_ci_low": 0.9,
-               "grading_gan_macro_f1_ci_high": 0.99, "grading_baseline_macro_f1": 0.8,
-               "grading_baseline_macro_f1_ci_low": 0.7, "grading_baseline_macro_f1_ci_high": 0.92,
-               "grading_gan_minus_baseline_macro_f1": 0.15, "grading_gan_minus_baseline_macro_f1_ci_low": 0.05,
-               "grading_gan_minus_baseline_macro_f1_ci_high": 0.25}
+    metrics = {"grading.gan.n": 90.0, "grading.gan.macro_f1": 0.95, "grading.gan.macro_f1_ci_low": 0.9,
+               "grading.gan.macro_f1_ci_high": 0.99, "grading.baseline.macro_f1": 0.8,
+               "grading.baseline.macro_f1_ci_low": 0.7, "grading.baseline.macro_f1_ci_high": 0.92,
+               "grading.gan_minus_baseline.macro_f1": 0.15, "grading.gan_minus_baseline.macro_f1_ci_low": 0.05,
+               "grading.gan_minus_baseline.macro_f1_ci_high": 0.25}
     sentence = comparison_sentence(metrics, "test")
     assert "difference GAN - baseline is +0.15 (95 % CI +0.05 to +0.25): the GAN is better." in sentence
-    metrics["grading_gan_minus_baseline_macro_f1_ci_low"] = -0.02
+    metrics["grading.gan_minus_baseline.macro_f1_ci_low"] = -0.02
     assert "includes 0, so the difference is not conclusive" in comparison_sentence(metrics, "test")
+
+
+@pytest.mark.parametrize("metrics, gate, passed, reason", [
+    ({"grading.gan.macro_f1": 0.9, "grading.baseline.macro_f1": 0.7}, {}, True, "GAN macro-F1 0.900 >= min_macro_f1 0.800"),
+    ({"grading.gan.macro_f1": 0.7, "grading.baseline.macro_f1": 0.6}, {}, False, "GAN macro-F1 0.700 < min_macro_f1 0.800"),
+    ({"grading.gan.macro_f1": 0.85, "grading.baseline.macro_f1": 0.9}, {}, False,
+     "GAN macro-F1 0.850 < the mask-only baseline's 0.900"),
+    ({"grading.gan.macro_f1": 0.85, "grading.baseline.macro_f1": 0.9}, {"beat_baseline": False}, True, "0.850 >= min"),
+    ({"grading.gan.macro_f1": 0.85}, {}, False, "no mask-only baseline grades"),
+    ({}, {}, False, "no graded vertebrae"),
+])
+def test_candidate_gate(metrics: dict[str, float], gate: dict, passed: bool, reason: str) -> None:
+    verdict = candidate_verdict(metrics, CandidateGateParams(**gate))
+    assert verdict[0] == passed and reason in verdict[1] and "\n" not in verdict[1]
+
+
+def test_dotted_metric_names_nest_in_order_and_flatten_back() -> None:
+    flat = {"grading.gan.macro_f1": 0.9, "grading.gan.n": 3.0, "rhlv.mae.ant": 0.03, "candidate.passed": 1.0}
+    nested = nest_metrics(flat)
+    assert nested == {"grading": {"gan": {"macro_f1": 0.9, "n": 3.0}}, "rhlv": {"mae": {"ant": 0.03}},
+                      "candidate": {"passed": 1.0}}
+    assert list(flatten_metrics(nested)) == list(flat)
+    with pytest.raises(ValueError, match="a value and a group"):
+        nest_metrics({"rhlv.mae": 0.1, "rhlv.mae.ant": 0.2})
 
 
 def test_generation_scores_of_a_perfect_and_a_short_synthesis() -> None:
@@ -126,22 +152,27 @@ def evaluate_argv(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
 def test_evaluate_writes_metrics_plots_and_report(pipeline: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "reports"
     assert main(evaluate_argv(pipeline, out, "--metrics", str(tmp_path / "m.json"))) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics == json.loads((tmp_path / "m.json").read_text())
+    written = json.loads((out / "metrics.json").read_text())
+    assert written == json.loads((tmp_path / "m.json").read_text())
+    assert list(written)[:2] == ["grading", "rhlv"] and list(written["grading"]) == ["gan", "baseline", "gan_minus_baseline"]
+    assert list(written["grading"]["gan"])[:3] == ["macro_f1", "macro_f1_ci_low", "macro_f1_ci_high"]
+    metrics = flatten_metrics(written)  # the dotted names MLflow gets
     predictions = pd.read_parquet(pipeline["svm"] / "predictions.parquet").query("split == 'test'")
-    assert metrics["grading_gan_macro_f1"] == pytest.approx(
+    assert metrics["grading.gan.macro_f1"] == pytest.approx(
         f1_score(predictions["grade"].astype(int), predictions["predicted"].astype(int), average="macro"))
-    assert metrics["grading_gan_macro_f1"] >= 0.9
-    assert metrics["grading_gan_macro_f1_ci_low"] <= metrics["grading_gan_macro_f1"] <= metrics["grading_gan_macro_f1_ci_high"]
-    assert "grading_baseline_macro_f1" in metrics
-    low, high = metrics["grading_gan_minus_baseline_macro_f1_ci_low"], metrics["grading_gan_minus_baseline_macro_f1_ci_high"]
-    assert low <= metrics["grading_gan_minus_baseline_macro_f1"] <= high
-    assert metrics["source_drawn_grading_gan_n"] == metrics["grading_gan_n"]  # the fixture's cases are all drawn
-    assert metrics["source_drawn_rhlv_mae_ant"] == metrics["rhlv_mae_ant"]
+    assert metrics["grading.gan.macro_f1"] >= 0.9
+    assert metrics["grading.gan.macro_f1_ci_low"] <= metrics["grading.gan.macro_f1"] <= metrics["grading.gan.macro_f1_ci_high"]
+    assert "grading.baseline.macro_f1" in metrics
+    low, high = metrics["grading.gan_minus_baseline.macro_f1_ci_low"], metrics["grading.gan_minus_baseline.macro_f1_ci_high"]
+    assert low <= metrics["grading.gan_minus_baseline.macro_f1"] <= high
+    assert metrics["source.drawn.grading.gan.n"] == metrics["grading.gan.n"]  # the fixture's cases are all drawn
+    assert metrics["source.drawn.rhlv.mae.ant"] == metrics["rhlv.mae.ant"]
     # a perfect synthesis (the healthy truth) scores perfectly against the healthy truth
-    assert metrics["generation_healthy_dice"] == 1.0 and metrics["generation_healthy_height_error_mm"] == 0.0
-    assert metrics["generation_fractured_dice"] == 1.0
-    assert metrics["rhlv_mae_ant"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["generation.healthy.dice"] == 1.0 and metrics["generation.healthy.height_error_mm"] == 0.0
+    assert metrics["generation.fractured.dice"] == 1.0
+    assert metrics["rhlv.mae.ant"] == pytest.approx(0.0, abs=1e-9)
+    passed = metrics["grading.gan.macro_f1"] >= max(0.8, metrics["grading.baseline.macro_f1"])
+    assert metrics["candidate.passed"] == float(passed)
     confusion = pd.read_csv(out / "plots" / "confusion_gan.csv")
     assert set(confusion.columns) >= {"actual", "predicted"} and len(confusion) == 6  # 2 test patients
     assert set(pd.read_csv(out / "plots" / "rhlv_vs_truth.csv")["third"]) == {"ant", "mid", "post"}
@@ -150,6 +181,7 @@ def test_evaluate_writes_metrics_plots_and_report(pipeline: dict[str, Path], tmp
     assert "Research use, not for diagnosis." in report
     assert report.count("data:image/png;base64,") == 2 + 6
     assert "mask-only neighbour baseline" in report and "macro-F1" in report
+    assert ("candidate gate (registry alias)</th><td class='num'>" + ("passed: " if passed else "not passed: ")) in report
     assert "src=\"http" not in report  # self-contained
 
 
@@ -185,3 +217,20 @@ def test_bad_svm_outputs_are_refused_in_one_line(pipeline: dict[str, Path], tmp_
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_kubeflow_step_gets_the_grouped_metrics_by_their_dotted_names(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    from healthivert.stages.submit import run_step
+
+    class Sink:  # what a KFP Metrics artifact offers a step
+        def __init__(self) -> None:
+            self.logged: dict[str, float] = {}
+
+        def log_metric(self, name: str, value: float) -> None:
+            self.logged[name] = value
+
+    sink = Sink()
+    command = evaluate_argv(pipeline, tmp_path / "out")[:11]  # the subcommand and its paths
+    metrics = run_step(command, json.dumps({"evaluate": {"bootstrap": 50}}), tracking_uri="", metrics_out=sink)
+    assert sink.logged == metrics and list(metrics)[0] == "grading.gan.macro_f1"
+    assert metrics == flatten_metrics(json.loads((tmp_path / "out" / "metrics.json").read_text()))

@@ -349,12 +349,22 @@ class SvmFitParams(Section):
         return value
 
 
+class CandidateGateParams(Section):
+    """When evaluate sets the registry alias ``candidate`` on the grader of its pipeline run."""
+
+    #: the GAN's macro-F1 on the evaluated split must reach this
+    min_macro_f1: float = Field(0.8, ge=0.0, le=1.0)
+    #: and be at least the mask-only baseline's
+    beat_baseline: bool = True
+
+
 class EvaluateParams(Section):
     """Metrics, plots and the clinician's report."""
 
     bootstrap: int = Field(1000, ge=0)
     seed: int = 0
     report_vertebrae: int = Field(24, ge=0)
+    candidate_gate: CandidateGateParams = CandidateGateParams()
 
 
 class TrackingParams(Section):

@@ -113,6 +113,28 @@ def grades_table(rows: pd.DataFrame, bundle: GraderBundle) -> pd.DataFrame:
                          "flag": str, **{c: "float64" for c in ("rhlv_ant", "rhlv_mid", "rhlv_post", "rhlv_max")}})
 
 
+class BadInputError(MlflowException):
+    """A bad input row: MLflow's ``INVALID_PARAMETER_VALUE`` (status 400 from ``mlflow models serve``), one line.
+
+    The scoring server rewrites the message of an error ``predict`` raises to ``"Failed to predict data
+    '<the whole input table>'. \\nError: <message>"``, several lines; this error keeps the message it
+    was made with (later assignments are ignored), so the answer is the one line naming the file.
+    """
+
+    def __init__(self, error: HealthiVertError) -> None:
+        super().__init__(" ".join(str(error).splitlines()), error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        """The one-line message."""
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):
+            self._message = value
+
+
 class GraderModel(mlflow.pyfunc.PythonModel):
     """``healthivert-grader``: the grader bundle behind MLflow's ``predict``; the bundle loads once."""
 
@@ -126,12 +148,12 @@ class GraderModel(mlflow.pyfunc.PythonModel):
         """Grade the scans of ``model_input`` (see :func:`grades_table`).
 
         Raises:
-            MlflowException: a bad row, as one line naming the file (a 400 from ``mlflow models serve``).
+            BadInputError: a bad row, as one line naming the file (a 400 from ``mlflow models serve``).
         """
         try:
             return grades_table(model_input, self.bundle)
         except HealthiVertError as exc:
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+            raise BadInputError(exc) from exc
 
 
 def pip_requirements() -> list[str]:

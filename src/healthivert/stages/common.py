@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from healthivert.config import Params, load_params
 from healthivert.io.atomic import check_target, write_text_atomic
+
+if TYPE_CHECKING:
+    from healthivert.tracking.runs import StageTracker
 
 
 def add_params_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +52,53 @@ def add_metrics_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", type=Path, metavar="FILE", help="write the stage's metrics here as JSON")
 
 
-def write_metrics(path: str | os.PathLike[str] | None, metrics: dict[str, float]) -> None:
-    """Write metrics JSON atomically when a path was given."""
+def write_metrics(path: str | os.PathLike[str] | None, metrics: Mapping[str, Any]) -> None:
+    """Write metrics JSON atomically when a path was given, keys in the order given (headline first)."""
     if path is not None:
-        write_text_atomic(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(path, json.dumps(metrics, indent=2) + "\n")
+
+
+def nest_metrics(metrics: Mapping[str, float]) -> dict[str, Any]:
+    """Dotted metric names as nested JSON groups, order kept: ``{"a.b": 1}`` -> ``{"a": {"b": 1}}``.
+
+    ``dvc metrics show`` prints a nested key as its dotted path, so the file and MLflow agree on names.
+
+    Raises:
+        ValueError: a name is both a value and a group (``a.b`` and ``a.b.c``).
+    """
+    tree: dict[str, Any] = {}
+    for name, value in metrics.items():
+        *groups, leaf = name.split(".")
+        node = tree
+        for group in groups:
+            node = node.setdefault(group, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"metric {name}: {group} is a value and a group")
+        if isinstance(node.get(leaf), dict):
+            raise ValueError(f"metric {name}: is a value and a group")
+        node[leaf] = value
+    return tree
+
+
+def flatten_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested metrics JSON -> dotted names (the inverse of :func:`nest_metrics`)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def log_manifest_dataset(tracker: StageTracker, data: Path, source: str, context: str) -> None:
+    """Log the preprocessed dataset (one row per vertebra: case, vertebra, grade, split) as an MLflow
+    dataset input of the stage and the pipeline run, named after its ``source`` location, tagged with its layout(s)."""
+    if not tracker.active:
+        return
+    from healthivert.data.manifest import read_manifest
+
+    manifest = read_manifest(data)
+    layouts = ",".join(sorted(str(v) for v in manifest["source_layout"].dropna().unique()))
+    tracker.log_dataset(manifest[["case", "vertebra", "grade", "split"]], source, Path(source.rstrip("/")).name or source,
+                        context, tags={"healthivert.layout": layouts} if layouts else None)

@@ -38,7 +38,8 @@ from healthivert.io.labels import vertebra_name
 from healthivert.io.layouts import CaseFiles, discover_cases
 from healthivert.io.nifti import save_volume
 from healthivert.io.remote import is_s3_uri, local_copy
-from healthivert.stages.common import add_metrics_argument, add_params_arguments, check_outputs, params_from_args, write_metrics
+from healthivert.stages.common import (
+    add_metrics_argument, add_params_arguments, check_outputs, log_manifest_dataset, params_from_args, write_metrics)
 from healthivert.tracking.runs import stage_run
 
 log = logging.getLogger(__name__)
@@ -319,8 +320,7 @@ def execute(args: argparse.Namespace) -> None:
         metrics = run(params, args.input, args.out, args.grades, args.download_cache)
         tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
         tracker.log_artifact(args.out / "manifest.parquet")
-        manifest = read_manifest(args.out)[["case", "vertebra", "grade", "split"]]
-        tracker.log_dataset(manifest, str(args.input), Path(str(args.input).rstrip("/")).name, "preprocess")
+        log_manifest_dataset(tracker, args.out, str(args.input), "preprocess")
         if tracker.active:
             tracker.log_figure(overview_figure(args.out), "preprocess/overview.png")
     write_metrics(args.metrics, metrics)

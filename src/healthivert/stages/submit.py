@@ -28,7 +28,7 @@ from typing import Any
 from healthivert.config import Params
 from healthivert.errors import ConfigError, InputDataError
 from healthivert.io.atomic import atomic_path
-from healthivert.stages.common import add_params_arguments, check_outputs, params_from_args
+from healthivert.stages.common import add_params_arguments, check_outputs, flatten_metrics, params_from_args
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ DEFAULT_TAG = "0.1.0-cuda"
 
 def run_step(command: Sequence[str], params_json: str, overrides: Sequence[str] = (),
              tracking_uri: str = "", pipeline_group: str = "", metrics_out: Any = None) -> dict[str, float]:
-    """Run one stage command in-process the way a Kubeflow step does; return its finite metrics.
+    """Run one stage command in-process the way a Kubeflow step does; return its finite metrics (nested
+    groups as dotted names, ``grading.gan.macro_f1``).
 
     Args:
         command: the subcommand and its path arguments, e.g. ``["rhlv", "--data", ..., "--out", ...]``.
@@ -81,7 +82,7 @@ def run_step(command: Sequence[str], params_json: str, overrides: Sequence[str] 
         code = main(argv)
         if code != 0:
             raise RuntimeError(f"healthivert {command[0]} exited with code {code}")
-        written = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        written = flatten_metrics(json.loads(metrics_file.read_text())) if metrics_file.exists() else {}
     metrics = {key: float(value) for key, value in written.items()
                if isinstance(value, (int, float)) and math.isfinite(value)}
     if metrics_out is not None:

@@ -62,6 +62,11 @@ def execute(args: argparse.Namespace) -> None:
         tracker.log_metrics(metrics)
         tracker.log_artifact(args.out / PREDICTIONS_NAME)
         tracker.log_model_files(args.out / MODEL_NAME, "svm")
+        if tracker.active:  # evaluate finds this run, and the grader version it registered, by the SVM it evaluates
+            from healthivert.tracking.lineage import file_digest
+            from healthivert.tracking.registry import SVM_DIGEST_TAG
+
+            tracker.set_tags({SVM_DIGEST_TAG: file_digest(args.out / MODEL_NAME)})
     write_metrics(args.metrics, metrics)
 
 

@@ -49,6 +49,45 @@ def git_commit(root: Path) -> str:
     return f"{commit}+dirty" if dirty else commit
 
 
+def _git(root: Path, *args: str) -> str | None:
+    """Output of ``git <args>`` in ``root`` (None when git fails or prints nothing)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+def git_source_tags(root: Path) -> dict[str, str]:
+    """MLflow's source tags (the runs table's Source column) for the checkout at ``root``.
+
+    ``mlflow.source.git.commit`` (without a dirty suffix), ``mlflow.source.git.branch`` and
+    ``mlflow.source.git.repoURL`` where git knows them, and ``git.dirty``; nothing outside git.
+    """
+    commit = git_commit(root)
+    if commit == UNKNOWN:
+        return {}
+    tags = {"mlflow.source.git.commit": commit.removesuffix("+dirty"),
+            "git.dirty": str(commit.endswith("+dirty")).lower()}
+    branch = _git(root, "rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":
+        tags["mlflow.source.git.branch"] = branch
+    remote = _git(root, "remote", "get-url", "origin")
+    if remote:
+        tags["mlflow.source.git.repoURL"] = remote
+    return tags
+
+
+def file_digest(path: Path) -> str:
+    """Short sha256 of a file's bytes (``unknown`` when it cannot be read)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return UNKNOWN
+
+
 def params_digest(params: Params) -> str:
     """Short stable hash of every parameter section."""
     return params.digest()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -41,6 +41,9 @@ GROUP_FILE = Path(".healthivert") / "pipeline_run.json"
 GROUP_TAG = "healthivert.group"
 FINAL_STAGE = "evaluate"
 _MLFLOW_BATCH = 100
+#: the parent's metrics of stage times: ``time.<stage>_s`` per stage that ran in it, and their sum.
+TIME_PREFIX = "time."
+TOTAL_TIME = "time.total_s"
 
 
 @dataclass(frozen=True)
@@ -74,10 +77,28 @@ def log_param_tree(client: MlflowClient, run_id: str, tree: dict[str, Any]) -> N
         client.log_batch(run_id, params=items[start:start + _MLFLOW_BATCH])
 
 
+def log_metric_batches(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+    """Log metrics in batches MLflow accepts."""
+    for start in range(0, len(metrics), _MLFLOW_BATCH):
+        client.log_batch(run_id, metrics=metrics[start:start + _MLFLOW_BATCH])
+
+
+def log_stage_time(client: MlflowClient, parent_run_id: str, stage: str, seconds: float) -> None:
+    """Record a stage's wall time on the pipeline run (``time.<stage>_s``) and update ``time.total_s``."""
+    key = f"{TIME_PREFIX}{stage.replace('-', '_')}_s"
+    times = {k: v for k, v in client.get_run(parent_run_id).data.metrics.items()
+             if k.startswith(TIME_PREFIX) and k != TOTAL_TIME}
+    times[key] = seconds
+    stamp = int(time.time() * 1000)
+    log_metric_batches(client, parent_run_id, [Metric(key, seconds, stamp, 0),
+                                               Metric(TOTAL_TIME, sum(times.values()), stamp, 0)])
+
+
 def _create_parent(client: MlflowClient, experiment_id: str, params: Params, tags: dict[str, str]) -> str:
     """A new RUNNING parent holding every parameter (and ``params.yaml``); returns its id."""
     name = "pipeline " + time.strftime("%Y-%m-%d %H:%M:%S")
-    run = client.create_run(experiment_id, run_name=name, tags={"healthivert.kind": "pipeline", **tags})
+    run = client.create_run(experiment_id, run_name=name,
+                            tags={"healthivert.kind": "pipeline", **tags, "mlflow.source.name": "healthivert pipeline"})
     log_param_tree(client, run.info.run_id, params.model_dump(mode="json"))
     client.log_text(run.info.run_id, dump_params(params), "params.yaml")
     log.info("MLflow pipeline run %s", run.info.run_id)
