@@ -9,8 +9,9 @@ image of the training pipeline, which holds the package) by :func:`build_grade_c
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Output
+
+from components.stages import on_image
 
 
 def list_cases(cases: list, prefix: str) -> list:
@@ -62,9 +63,5 @@ class GradeComponents:
 
 
 def build_grade_components(image: str) -> GradeComponents:
-    """Every step as a lightweight component running on ``image`` (which must hold this package)."""
-
-    def make(func: Callable) -> Callable:
-        return dsl.component(func, base_image=image, install_kfp_package=False)
-
-    return GradeComponents(make(list_cases), make(grade_case), make(gather_cohort))
+    """Every step as a lightweight component running on ``image`` (the training pipeline's image)."""
+    return GradeComponents(*(on_image(step, image) for step in (list_cases, grade_case, gather_cohort)))

@@ -132,11 +132,12 @@ class Components:
     evaluate: Callable
 
 
+def on_image(func: Callable, image: str) -> Callable:
+    """``func`` as a lightweight component running on ``image`` (which must hold this package)."""
+    return dsl.component(func, base_image=image, install_kfp_package=False)
+
+
 def build_components(image: str) -> Components:
-    """Every stage as a lightweight component running on ``image`` (which must hold this package)."""
-
-    def make(func: Callable) -> Callable:
-        return dsl.component(func, base_image=image, install_kfp_package=False)
-
-    return Components(make(dataset), make(preprocess), make(train_coarse), make(train_fine), make(synthesize),
-                      make(rhlv), make(svm_fit), make(evaluate))
+    """Every stage as a lightweight component running on ``image``."""
+    steps = (dataset, preprocess, train_coarse, train_fine, synthesize, rhlv, svm_fit, evaluate)
+    return Components(*(on_image(step, image) for step in steps))
