@@ -16,7 +16,8 @@ from healthivert.io.grades import read_grades
 from healthivert.io.layouts import discover_cases
 from healthivert.phantom.anatomy import genant_grade
 from healthivert.phantom.generator import real_shape_case, write_dataset
-from healthivert.phantom.real import compress_columns, deformation_columns, jitter_labels, load_real_spine
+from healthivert.geometry.morphometry import NeighbourBaseline, ThirdHeights
+from healthivert.phantom.real import compress_columns, deformation_columns, deformed_source, jitter_labels, load_real_spine
 
 TPTBOX_MASK = Path("tptbox-sample") / "sub-ct_seg-vert_label-22_msk.nii.gz"
 
@@ -44,6 +45,19 @@ def test_deformation_shapes_follow_the_fracture_type() -> None:
     biconcave = deformation_columns(body, "biconcave", 0.0)
     assert biconcave[15, 15] > 0.9 > 0.1 > biconcave[5, 5]
     assert not deformation_columns(body, "none", 0.0).any()
+
+
+@pytest.mark.parametrize(("own", "losses", "deformed"), [
+    ((24.0, 25.0, 25.5), (0.02, 0.0, -0.01), False),  # a healthy box
+    ((20.0, 22.0, 25.0), (0.05, 0.0, 0.0), False),  # a wedge normal at the thoracolumbar junction (0.8)
+    ((17.2, 14.5, 20.1), (0.07, 0.0, -0.11), True),  # VerSe'19 0007 L2: biconcave, neighbours short too
+    ((20.0, 20.0, 20.0), (0.25, 0.22, 0.2), True),  # low against its neighbours
+])
+def test_a_source_vertebra_deformed_in_shape_or_against_neighbours_is_not_taken_for_healthy(
+        own: tuple[float, float, float], losses: tuple[float, float, float], deformed: bool) -> None:
+    heights = ThirdHeights(*own, float(np.mean(own)))
+    baseline = NeighbourBaseline(21, heights, heights, (20, 22), *losses)
+    assert deformed_source(baseline) is deformed
 
 
 def test_jitter_keeps_labels_in_place_and_scales_volumes() -> None:
