@@ -203,6 +203,15 @@ def test_discriminators_and_band_strip() -> None:
         band_strip(ct, torch.tensor([[40, 80], [50, 80]]), 35)
 
 
+@pytest.mark.parametrize(("size", "slice_shape"), [("cpu", (128, 48)), ("full", (256, 64))])
+def test_discriminators_take_coronal_slices_of_narrow_crops(size: str, slice_shape: tuple[int, int]) -> None:
+    # a coronal slice is CC x LR: its strip (70/256 of 48 or 64 columns) is narrower than a 3-layer PatchGAN takes
+    discs = Discriminators(ModelParams(size=size))
+    ct = torch.rand(2, 1, *slice_shape)
+    logits = discs(ct, ct, torch.tensor([[40, 80], [50, 90]]))
+    assert all(value.shape[:2] == (2, 1) and value.numel() >= 2 for value in logits.values())
+
+
 def test_sizes_against_the_reference() -> None:
     full = ModelParams(size="full")
     gen_gflop = flops_per_sample(HealthiVertGenerator(full), (256, 256)) / 1e9

@@ -35,10 +35,24 @@ class PatchDiscriminator(nn.Module):
             width = out
         blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
         self.net = nn.Sequential(*blocks)
+        self.min_size = min_input_size(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, 1, h, w)`` patch logits."""
         return self.net(x)
+
+
+def min_input_size(layers: int) -> int:
+    """The smallest height and width a :class:`PatchDiscriminator` of ``layers`` layers takes (24 for 3).
+
+    Walks back from one output patch through the 4x4 convolutions (padding 1): the final and the
+    last layer's stride 1, the others' stride 2.
+    """
+    size = 2  # the final convolution's input for one output
+    size += 1  # the last layer (stride 1)
+    for _ in range(layers):  # the first convolution and the layers before the last (stride 2)
+        size = 2 * size
+    return size
 
 
 def band_strip(image: torch.Tensor, band: torch.Tensor, width: int) -> torch.Tensor:
@@ -91,5 +105,6 @@ class Discriminators(nn.Module):
         Returns:
             ``{"ct", "seg", "strip"}`` -> ``(B, 1, h, w)`` logits.
         """
-        width = max(1, round(ct.shape[-1] * STRIP_FRACTION))
+        # a coronal slice of a narrow crop (48 columns: 13) would give the strip PatchGAN less than it takes
+        width = min(ct.shape[-1], max(round(ct.shape[-1] * STRIP_FRACTION), self.strip.min_size))
         return {"ct": self.ct(ct), "seg": self.seg(seg), "strip": self.strip(band_strip(ct, band, width))}
