@@ -61,8 +61,6 @@ def write_metrics(path: str | os.PathLike[str] | None, metrics: Mapping[str, Any
 def nest_metrics(metrics: Mapping[str, float]) -> dict[str, Any]:
     """Dotted metric names as nested JSON groups, order kept: ``{"a.b": 1}`` -> ``{"a": {"b": 1}}``.
 
-    The inverse is :func:`healthivert.tracking.pipeline.flatten`.
-
     ``dvc metrics show`` prints a nested key as its dotted path, so the file and MLflow agree on names.
 
     Raises:
@@ -80,6 +78,17 @@ def nest_metrics(metrics: Mapping[str, float]) -> dict[str, Any]:
             raise ValueError(f"metric {name}: is a value and a group")
         node[leaf] = value
     return tree
+
+
+def flatten_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested metrics JSON -> dotted names (the inverse of :func:`nest_metrics`)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def log_manifest_dataset(tracker: StageTracker, data: Path, source: str, context: str) -> None:
