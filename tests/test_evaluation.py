@@ -13,8 +13,9 @@ from sklearn.metrics import f1_score, precision_score, recall_score
 from healthivert.evaluation.generation import MAX_PSNR_DB, dice, generation_scores
 from healthivert.evaluation.grading import bootstrap_scores, confusion_stack, macro_scores, paired_bootstrap_difference
 from healthivert.config import CandidateGateParams
-from healthivert.stages.common import flatten_metrics, nest_metrics
+from healthivert.stages.common import nest_metrics
 from healthivert.stages.evaluate import candidate_verdict, comparison_sentence
+from healthivert.tracking.pipeline import flatten
 from test_rhlv_stage import NO_PARAMS, main, write_crops, write_synthesis
 
 
@@ -93,7 +94,7 @@ def test_dotted_metric_names_nest_in_order_and_flatten_back() -> None:
     nested = nest_metrics(flat)
     assert nested == {"grading": {"gan": {"macro_f1": 0.9, "n": 3.0}}, "rhlv": {"mae": {"ant": 0.03}},
                       "candidate": {"passed": 1.0}}
-    assert list(flatten_metrics(nested)) == list(flat)
+    assert list(flatten(nested)) == list(flat)
     with pytest.raises(ValueError, match="a value and a group"):
         nest_metrics({"rhlv.mae": 0.1, "rhlv.mae.ant": 0.2})
 
@@ -156,7 +157,7 @@ def test_evaluate_writes_metrics_plots_and_report(pipeline: dict[str, Path], tmp
     assert written == json.loads((tmp_path / "m.json").read_text())
     assert list(written)[:2] == ["grading", "rhlv"] and list(written["grading"]) == ["gan", "baseline", "gan_minus_baseline"]
     assert list(written["grading"]["gan"])[:3] == ["macro_f1", "macro_f1_ci_low", "macro_f1_ci_high"]
-    metrics = flatten_metrics(written)  # the dotted names MLflow gets
+    metrics = flatten(written)  # the dotted names MLflow gets
     predictions = pd.read_parquet(pipeline["svm"] / "predictions.parquet").query("split == 'test'")
     assert metrics["grading.gan.macro_f1"] == pytest.approx(
         f1_score(predictions["grade"].astype(int), predictions["predicted"].astype(int), average="macro"))
@@ -233,4 +234,4 @@ def test_a_kubeflow_step_gets_the_grouped_metrics_by_their_dotted_names(pipeline
     command = evaluate_argv(pipeline, tmp_path / "out")[:11]  # the subcommand and its paths
     metrics = run_step(command, json.dumps({"evaluate": {"bootstrap": 50}}), tracking_uri="", metrics_out=sink)
     assert sink.logged == metrics and list(metrics)[0] == "grading.gan.macro_f1"
-    assert metrics == flatten_metrics(json.loads((tmp_path / "out" / "metrics.json").read_text()))
+    assert metrics == flatten(json.loads((tmp_path / "out" / "metrics.json").read_text()))

@@ -23,8 +23,7 @@ from mlflow.tracking import MlflowClient
 from healthivert.cli import main
 from healthivert.data.manifest import read_manifest
 from healthivert.inference.pyfunc import OUTPUT_COLUMNS, REGISTERED_NAME
-from healthivert.stages.common import flatten_metrics
-from healthivert.tracking.pipeline import PIPELINE_GROUP_ENV, PIPELINE_RUN_ENV
+from healthivert.tracking.pipeline import PIPELINE_GROUP_ENV, PIPELINE_RUN_ENV, flatten
 from conftest import BUCKET, free_port, wait_until_answering
 from test_grade import GRADED_CASE, _params, dag  # noqa: F401  (the module-scoped bundle fixture)
 
@@ -194,7 +193,7 @@ def test_the_pipeline_run_carries_what_the_runs_table_compares(registered: str, 
     assert {fit.data.tags["mlflow.parentRunId"], evaluate.data.tags["mlflow.parentRunId"]} == {parent.info.run_id}
     assert parent.info.status == "FINISHED"
 
-    written = flatten_metrics(json.loads(Path(registered.removeprefix("sqlite:///")).with_name("evaluate.json").read_text()))
+    written = flatten(json.loads(Path(registered.removeprefix("sqlite:///")).with_name("evaluate.json").read_text()))
     headline = {"grading.gan.macro_f1", "grading.gan.macro_f1_ci_low", "grading.gan.macro_f1_ci_high",
                 "rhlv.mae.ant", "rhlv.mae.mid", "rhlv.mae.post", "generation.healthy.dice",
                 "generation.healthy.height_error_mm", "candidate.passed"}

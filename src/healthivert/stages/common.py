@@ -80,17 +80,6 @@ def nest_metrics(metrics: Mapping[str, float]) -> dict[str, Any]:
     return tree
 
 
-def flatten_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested metrics JSON -> dotted names (the inverse of :func:`nest_metrics`)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten_metrics(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def log_manifest_dataset(tracker: StageTracker, data: Path, source: str, context: str) -> None:
     """Log the preprocessed dataset (one row per vertebra: case, vertebra, grade, split) as an MLflow
     dataset input of the stage and the pipeline run, named after its ``source`` location, tagged with its layout(s)."""

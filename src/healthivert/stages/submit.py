@@ -28,7 +28,7 @@ from typing import Any
 from healthivert.config import Params
 from healthivert.errors import ConfigError, InputDataError
 from healthivert.io.atomic import atomic_path
-from healthivert.stages.common import add_params_arguments, check_outputs, flatten_metrics, params_from_args
+from healthivert.stages.common import add_params_arguments, check_outputs, params_from_args
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def run_step(command: Sequence[str], params_json: str, overrides: Sequence[str] 
         RuntimeError: the stage exited non-zero (the step, and the Kubeflow run, fail).
     """
     from healthivert.cli import main
-    from healthivert.tracking.pipeline import PIPELINE_GROUP_ENV
+    from healthivert.tracking.pipeline import PIPELINE_GROUP_ENV, flatten
 
     with tempfile.TemporaryDirectory(prefix="healthivert-step-") as scratch:
         params_file = Path(scratch) / "params.yaml"
@@ -82,7 +82,7 @@ def run_step(command: Sequence[str], params_json: str, overrides: Sequence[str] 
         code = main(argv)
         if code != 0:
             raise RuntimeError(f"healthivert {command[0]} exited with code {code}")
-        written = flatten_metrics(json.loads(metrics_file.read_text())) if metrics_file.exists() else {}
+        written = flatten(json.loads(metrics_file.read_text())) if metrics_file.exists() else {}
     metrics = {key: float(value) for key, value in written.items()
                if isinstance(value, (int, float)) and math.isfinite(value)}
     if metrics_out is not None:
