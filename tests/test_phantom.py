@@ -115,6 +115,21 @@ def test_sizes_grades_and_fracture_shapes_follow_the_specification() -> None:
     assert seen_types == {"wedge", "biconcave", "crush"}
 
 
+@pytest.mark.parametrize("concavity_range, mid_share", [((0.1, 0.28), (0.82, 0.99)), ((0.0, 0.0), (0.98, 1.06))])
+def test_endplates_are_cupped_like_real_bodies(concavity_range: tuple[float, float], mid_share: tuple[float, float]) -> None:
+    """Healthy drawn bodies are shorter in the middle third than at their taller wall, as real ones are
+    (VerSe'19 0007's healthy thoracic bodies: 0.86-0.95); a zero range gives flat endplates."""
+    params = PhantomParams(normal_deformity_share=0.0, fracture_share=0.0, endplate_concavity_range=concavity_range)
+    shares = []
+    for index in range(8):
+        for spec in sample_spine(case_rng(3, index), params).vertebrae:
+            ant, mid, post = truth_table([spec]).iloc[0][["healthy_h_ant_mm", "healthy_h_mid_mm", "healthy_h_post_mm"]]
+            shares.append(mid / max(ant, post))
+    assert mid_share[0] <= min(shares) and max(shares) <= mid_share[1]
+    if concavity_range[1] > 0:
+        assert np.median(shares) < 0.95 and max(shares) - min(shares) > 0.05, "cups of differing depth"
+
+
 def test_truth_heights_match_a_voxel_measurement(tiny_case: PhantomCase) -> None:
     spacing = np.asarray(tiny_case.labels.spacing_mm)
     assert tiny_case.truth["grade"].gt(0).any(), "the tiny phantom should contain a fracture"

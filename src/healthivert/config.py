@@ -72,6 +72,10 @@ class PhantomParams(Section):
     noise_hu: float = Field(20.0, ge=0.0)
     normal_deformity_share: float = Field(0.4, ge=0.0, le=1.0)
     fov_mm: tuple[float, float] = (170.0, 130.0)
+    #: per drawn patient, the depth of the endplates' cup (share of the body height lost at the central
+    #: column) is drawn from this range: the middle third is then 0.86-0.97 of the taller wall, as in
+    #: VerSe'19 0007's healthy thoracic bodies (0.86-0.95); 0 gives flat endplates
+    endplate_concavity_range: tuple[float, float] = (0.10, 0.28)
     orientations: tuple[str, ...] = Field(("RAS", "LPS", "PIR", "IPL", "LAS"), min_length=1)
     #: real label maps rendered as further cases, after the drawn ones
     real_shapes: tuple[RealShapeSource, ...] = ()
@@ -96,6 +100,8 @@ class PhantomParams(Section):
             raise ValueError("grade_weights must be non-negative with a positive sum")
         if not 0.0 < self.spacing_mm_range[0] <= self.spacing_mm_range[1]:
             raise ValueError("spacing_mm_range must be (min, max) with 0 < min <= max")
+        if not 0.0 <= self.endplate_concavity_range[0] <= self.endplate_concavity_range[1] <= 0.4:
+            raise ValueError("endplate_concavity_range must be (min, max) with 0 <= min <= max <= 0.4")
         if not 0.0 < self.real_scale_range[0] <= self.real_scale_range[1]:
             raise ValueError("real_scale_range must be (min, max) with 0 < min <= max")
         names = [source.name for source in self.real_shapes]

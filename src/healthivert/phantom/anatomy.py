@@ -62,7 +62,8 @@ class VertebraSpec:
 
     Attributes:
         vertebra: VerSe id.
-        height_mm: healthy body height at its central column.
+        height_mm: healthy body height at the rim of the endplates' cup (the central column is
+            ``1 - concavity`` of it).
         depth_mm: antero-posterior depth of the body.
         width_mm: left-right width of the body.
         tilt: natural antero-posterior height gradient (relative height change from centre to posterior wall).
@@ -71,6 +72,8 @@ class VertebraSpec:
         fracture: the deformation of the body.
         disc_below_mm: thickness of the disc below (0 for the last vertebra).
         density_hu: mean trabecular HU.
+        concavity: depth of the endplates' cup, both endplates together, as a share of the height
+            (0 for flat endplates): real bodies are shorter in the middle than at their walls.
     """
 
     vertebra: int
@@ -83,6 +86,7 @@ class VertebraSpec:
     fracture: Fracture
     disc_below_mm: float
     density_hu: float
+    concavity: float = 0.0
 
     @property
     def name(self) -> str:
@@ -108,7 +112,8 @@ def healthy_height(v: np.ndarray, w: np.ndarray, spec: VertebraSpec) -> np.ndarr
     rho = cross_section_radius(v, w, spec.depth_mm, spec.width_mm)
     excess = np.clip((rho - _EDGE_START) / (1.0 - _EDGE_START), 0.0, None)
     edge = np.sqrt(np.clip(1.0 - (1.0 - _EDGE_MIN**2) * excess**2, 0.0, None))
-    height = spec.height_mm * edge * (1.0 + spec.tilt * v / (spec.depth_mm / 2.0))
+    cup = 1.0 - spec.concavity * np.clip(1.0 - rho**2, 0.0, None) ** 2
+    height = spec.height_mm * edge * cup * (1.0 + spec.tilt * v / (spec.depth_mm / 2.0))
     return np.where(rho <= 1.0, height, 0.0)
 
 
@@ -157,11 +162,11 @@ def third_heights(spec: VertebraSpec, fractured: bool) -> np.ndarray:
     """Mean body height (mm) of the anterior, middle and posterior thirds, by the shared height definition.
 
     Columns: within ``+-width/5`` of the centre left-right, each slice's AP extent split in thirds, kept
-    when their healthy height is at least 0.7 x the healthy central-column height.
+    when their healthy height is at least 0.7 x the healthy height of the slice's central column.
     """
     v, w, third = _measurement_columns(spec)
     healthy = healthy_height(v, w, spec)
-    keep = healthy >= COLUMN_THRESHOLD * spec.height_mm
+    keep = healthy >= COLUMN_THRESHOLD * healthy_height(np.zeros_like(w), w, spec)
     top, bottom = body_bounds(v, w, spec, fractured)
     heights = bottom - top
     return np.array([heights[keep & (third == k)].mean() for k in range(3)])

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from tqdm import tqdm
 
 from healthivert.config import PhantomParams, RealShapeSource
 from healthivert.io.atomic import atomic_dir, atomic_path
@@ -25,6 +24,7 @@ from healthivert.io.case import TRUTH_COLUMNS
 from healthivert.io.centroids import centroids_from_labels, write_centroids
 from healthivert.io.nifti import Volume, save_volume
 from healthivert.io.resample import reorient
+from healthivert.parallel import map_cases
 from healthivert.phantom.anatomy import VertebraSpec, genant_grade, third_heights
 from healthivert.phantom.real import generate_real_case, load_real_spine
 from healthivert.phantom.render import RenderedSpine, render_spine
@@ -182,6 +182,32 @@ def _planned_cases(params: PhantomParams) -> list[tuple[str, RealShapeSource | N
     return planned
 
 
+@dataclasses.dataclass(frozen=True)
+class _CaseJob:
+    """One case to generate and write (a worker process's input)."""
+
+    case_id: str
+    source: RealShapeSource | None
+    rng: np.random.Generator
+    params: PhantomParams
+    spine: Volume | None
+    root: Path
+
+
+def _generate_and_write(job: _CaseJob) -> tuple[pd.DataFrame, float]:
+    """Generate one case and write it under ``job.root``; returns its grades rows and the generation seconds."""
+    start = time.perf_counter()
+    if job.source is None:
+        case = generate_case(job.rng, job.params, case_id=job.case_id)
+    else:
+        case = real_shape_case(job.rng, job.params, job.source, job.spine, job.case_id)
+    seconds = time.perf_counter() - start
+    write_case(case, job.root)
+    logger.debug("%r", case)
+    split = job.source.split if job.source is not None else None
+    return case.truth[["vertebra", "grade"]].assign(case=case.case_id, split=split, source=case.source), seconds
+
+
 def write_dataset(out: str | os.PathLike[str], params: PhantomParams) -> dict[str, float]:
     """Generate the drawn and the real-shape cases and write them, with ``grades.csv`` and ``params.yaml``, as one atomic folder.
 
@@ -197,20 +223,12 @@ def write_dataset(out: str | os.PathLike[str], params: PhantomParams) -> dict[st
     """
     out = Path(out)
     spines = {source.name: load_real_spine(source) for source in params.real_shapes}
-    grades = []
-    seconds = []
     with atomic_dir(out) as tmp:
-        for case_id, source, rng in tqdm(_planned_cases(params), desc="phantom", unit="case", disable=None):
-            start = time.perf_counter()
-            if source is None:
-                case = generate_case(rng, params, case_id=case_id)
-            else:
-                case = real_shape_case(rng, params, source, spines[source.name], case_id)
-            seconds.append(time.perf_counter() - start)
-            write_case(case, tmp)
-            logger.debug("%r", case)
-            split = source.split if source is not None else None
-            grades.append(case.truth[["vertebra", "grade"]].assign(case=case.case_id, split=split, source=case.source))
+        work = [_CaseJob(case_id, source, rng, params, spines.get(source.name) if source else None, tmp)
+                for case_id, source, rng in _planned_cases(params)]
+        done = list(map_cases(_generate_and_write, work, "phantom"))
+        grades = [truth for truth, _ in done]
+        seconds = [elapsed for _, elapsed in done]
         table = pd.concat(grades, ignore_index=True)
         table[["case", "vertebra", "grade", "split"]].to_csv(tmp / "grades.csv", index=False)
         (tmp / "params.yaml").write_text(yaml.safe_dump({"phantom": params.model_dump(mode="json")}, sort_keys=False))

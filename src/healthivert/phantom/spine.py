@@ -127,7 +127,8 @@ def sample_spine(rng: np.random.Generator, params: PhantomParams) -> SpineLayout
     """Draw a phantom spine: consecutive thoracolumbar vertebrae with realistic, smoothly varying sizes.
 
     Body heights grow from about 18 mm (T6) to 28 mm (L5), depths from 28 to 38 mm, widths from 35 to
-    49 mm, discs from 5 to 9 mm; a patient scale and small per-vertebra jitter vary them. One
+    49 mm, discs from 5 to 9 mm; a patient scale and small per-vertebra jitter vary them. The endplates
+    are cupped by a patient's concavity (``params.endplate_concavity_range``), +-0.02 per vertebra. One
     unlabelled vertebra continues the spine at each end (below L5 it stands in for the sacrum's
     body), and the field of view cuts through it.
     """
@@ -138,6 +139,7 @@ def sample_spine(rng: np.random.Generator, params: PhantomParams) -> SpineLayout
     count = len(ids)
     patient = rng.uniform(0.95, 1.05)
     density = rng.uniform(120.0, 230.0)
+    concavity = rng.uniform(*params.endplate_concavity_range)
     rank = (np.asarray(ids) - FIRST_VERTEBRA[0]) / (LAST_VERTEBRA - FIRST_VERTEBRA[0])
     heights = patient * (18.3 + 9.7 * rank + rng.uniform(-0.5, 0.5, count))
     depths = patient * (28.5 + 9.5 * rank + rng.uniform(-1.0, 1.0, count))
@@ -175,6 +177,7 @@ def sample_spine(rng: np.random.Generator, params: PhantomParams) -> SpineLayout
             fracture=fracture,
             disc_below_mm=float(discs[n]) if n < count - 1 else 0.0,
             density_hu=float(density + rng.uniform(-12.0, 12.0)),
+            concavity=float(max(0.0, concavity + rng.uniform(-0.02, 0.02))),
         )
         if target > 0.0:
             spec = dataclasses.replace(spec, fracture=dataclasses.replace(fracture, scale=scale_for_loss(spec, target)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import math
 import tempfile
@@ -22,7 +23,6 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from tqdm import tqdm
 
 from healthivert.config import Params, PreprocessParams, dump_params
 from healthivert.data.manifest import COLUMNS, crop_name, read_manifest, resolve, write_manifest
@@ -38,6 +38,7 @@ from healthivert.io.labels import vertebra_name
 from healthivert.io.layouts import CaseFiles, discover_cases
 from healthivert.io.nifti import save_volume
 from healthivert.io.remote import is_s3_uri, local_copy
+from healthivert.parallel import map_cases
 from healthivert.stages.common import (
     add_metrics_argument, add_params_arguments, check_outputs, log_manifest_dataset, params_from_args, write_metrics)
 from healthivert.tracking.runs import stage_run
@@ -252,8 +253,7 @@ def run(params: Params, input_dir: str | Path, out: Path, grades_path: str | Pat
     with atomic_dir(out) as tmp:
         for folder in FOLDERS:
             (tmp / folder).mkdir()
-        for files in tqdm(cases, desc="preprocess", unit="case", disable=None):
-            result = preprocess_case(files, pp, tmp)
+        for result in map_cases(functools.partial(preprocess_case, params=pp, out=tmp), cases, "preprocess"):
             rows += result.rows
             skipped += result.skipped
             errors += result.height_errors
