@@ -1,15 +1,18 @@
-"""Time ``preprocess`` per case and ``heights`` per vertebra on phantom data, with peak memory.
+"""Time the phantom and ``preprocess`` per case, side by side for worker counts, and ``heights`` per vertebra.
 
-Usage: ``python benchmarks/bench_preprocess.py [--cases N] [--seed S] [--work DIR]``. Generates a
-phantom dataset (default parameters, ``N`` cases), preprocesses it with the default ``params.yaml``
-settings (tracking off) and runs the ``heights`` tool on every phantom mask; prints seconds per case,
-seconds per vertebra (wall clock and CPU: the machine may be shared), the height error against the phantom truth and the peak traced memory of each
-phase.
+Usage: ``python benchmarks/bench_preprocess.py [--cases N] [--seed S] [--workers 1,2] [--work DIR]``.
+For each worker count (``HEALTHIVERT_WORKERS``) it generates a phantom dataset (default parameters,
+``N`` cases) and preprocesses it with the default ``params.yaml`` settings (tracking off); then it runs
+the ``heights`` tool on every phantom mask. Prints wall seconds and CPU seconds (this process and its
+workers: the machine may be shared), the height error against the phantom truth, and the peak traced
+memory of the ``heights`` phase (this process only).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import tempfile
 import time
 import tracemalloc
@@ -19,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from healthivert.config import PhantomParams, load_params
+from healthivert.parallel import WORKERS_ENV, available_cores
 from healthivert.phantom.generator import write_dataset
 from healthivert.stages import heights, preprocess
 
@@ -30,27 +34,40 @@ def _peak_mib() -> float:
     return tracemalloc.get_traced_memory()[1] / 2**20
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished workers."""
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
 def main() -> None:
     """Run the benchmark and print its numbers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to compare")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
     params = load_params(ROOT / "params.yaml", ["tracking.enabled=false"])
-    raw = work / "raw"
-    write_dataset(raw, PhantomParams(**(params.phantom.model_dump() | {"cases": args.cases, "seed": args.seed})))
+    phantom = PhantomParams(**(params.phantom.model_dump() | {"cases": args.cases, "seed": args.seed}))
+    for requested in args.workers.split(","):
+        os.environ[WORKERS_ENV] = requested
+        workers = available_cores()
+        raw = work / f"raw-{workers}"
+        start, cpu = time.perf_counter(), _cpu_seconds()
+        write_dataset(raw, phantom)
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+        print(f"phantom, {workers} worker(s): {args.cases} cases, {seconds:.1f} s wall, {cpu:.1f} s CPU "
+              f"({seconds / args.cases:.2f} s/case wall)")
+        start, cpu = time.perf_counter(), _cpu_seconds()
+        metrics = preprocess.run(params, raw, work / f"preprocessed-{workers}", raw / "grades.csv")
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+        print(f"preprocess, {workers} worker(s): {args.cases} cases, {metrics['vertebrae']:.0f} vertebrae, "
+              f"{seconds:.1f} s wall, {cpu:.1f} s CPU ({seconds / args.cases:.2f} s/case wall), "
+              f"crop-height MAE vs truth {metrics['truth_height_mae_mm']:.2f} mm")
 
     tracemalloc.start()
-    start, cpu = time.perf_counter(), time.process_time()
-    metrics = preprocess.run(params, raw, work / "preprocessed", raw / "grades.csv")
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    print(f"preprocess: {args.cases} cases, {metrics['vertebrae']:.0f} vertebrae, {seconds:.1f} s wall, {cpu:.1f} s CPU "
-          f"({seconds / args.cases:.2f} s/case wall, {cpu / args.cases:.2f} s/case CPU), "
-          f"peak traced memory {_peak_mib():.0f} MiB, crop-height MAE vs truth {metrics['truth_height_mae_mm']:.2f} mm")
-
-    tracemalloc.reset_peak()
     errors, vertebrae = [], 0
     start, cpu = time.perf_counter(), time.process_time()
     for case_dir in sorted((raw / "derivatives").iterdir()):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from healthivert.config import LossWeights, ModelParams
-from healthivert.losses import (DiscriminatorLoss, GeneratorLoss, column_height_loss, dice_loss, edge_loss,
-                                masked_l1, real_seg, relative_height_loss, segmentation_bce, sobel_edges)
+from healthivert.losses import (DiscriminatorLoss, GeneratorLoss, dice_loss, edge_loss, segmentation_bce, masked_l1, real_seg,
+                                relative_height_loss, sobel_edges)
 from healthivert.models.generator import GeneratorOutput
 
 
@@ -70,18 +70,6 @@ def test_sobel_edges_of_a_square() -> None:
     assert sobel_edges(torch.ones(1, 1, 8, 8)).max() < 1e-5
 
 
-def test_column_height_loss_sees_a_flattened_endplate() -> None:
-    """A cupped body drawn flat costs its columns' height error, relative to the tallest column."""
-    cupped = torch.zeros(1, 1, 24, 10)
-    cupped[:, :, 4:20, :] = 1.0
-    cupped[:, :, 4:6, 3:7] = 0.0                      # the cup: 4 middle columns 2 rows shorter
-    flat = torch.zeros_like(cupped)
-    flat[:, :, 4:20, :] = 1.0
-    assert column_height_loss(cupped, cupped).item() == 0.0
-    assert column_height_loss(flat, cupped).item() == pytest.approx((4 * 2 / 10) / 16)
-    assert column_height_loss(flat, cupped) > column_height_loss(cupped, cupped)
-
-
 def test_generator_loss_at_the_truth_and_away_from_it() -> None:
     b = truth_batch()
     params = ModelParams()
@@ -105,8 +93,6 @@ def test_switches_remove_terms() -> None:
     out = perfect_output(b)
     _, coarse_terms = GeneratorLoss(LossWeights(gan=0.0), ModelParams())(out, b, stage="coarse")
     assert set(coarse_terms) == {"l1", "dice_coarse", "seg_bce", "height"}
-    _, with_columns = GeneratorLoss(LossWeights(gan=0.0, column_height=1.0), ModelParams())(out, b, stage="fine")
-    assert "column_height" in with_columns and with_columns["column_height"].item() == pytest.approx(0.0, abs=1e-6)
     _, terms = GeneratorLoss(LossWeights(gan=0.0, dice_fine=0.0, seg_bce=0.0),
                              ModelParams(edge_module=False, height_module=False))(out, b, stage="fine")
     assert set(terms) == {"l1", "dice_coarse"}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from healthivert.errors import InputDataError
-from healthivert.parallel import available_cores, map_cases
+from healthivert import parallel
+from healthivert.errors import ConfigError, InputDataError
+from healthivert.parallel import WORKERS_ENV, available_cores, map_cases
 
 
 def _square_or_fail(value: int) -> int:
@@ -17,6 +20,27 @@ def _square_or_fail(value: int) -> int:
 
 def test_available_cores_is_positive() -> None:
     assert available_cores() >= 1
+
+
+def test_a_cgroup_cpu_quota_caps_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container limited to half a CPU runs one process, however many cores the host shows."""
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(parallel, "_CGROUP_V2_MAX", cpu_max)
+    cpu_max.write_text("50000 100000\n")
+    assert available_cores() == 1
+    cpu_max.write_text("max 100000\n")
+    unlimited = available_cores()
+    cpu_max.write_text("not a quota\n")
+    assert available_cores() == unlimited >= 1
+
+
+def test_the_workers_setting_caps_and_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(WORKERS_ENV, "1")
+    assert available_cores() == 1
+    monkeypatch.setenv(WORKERS_ENV, "0")
+    with pytest.raises(ConfigError, match="HEALTHIVERT_WORKERS: must be a whole number of processes"):
+        available_cores()
 
 
 @pytest.mark.parametrize("workers", [1, 2])

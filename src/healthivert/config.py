@@ -243,9 +243,6 @@ class LossWeights(Section):
     #: not in the paper (0 restores it): pixel-wise BCE beside each Dice term. Soft Dice alone lets a
     #: segmentation head that is not yet discriminative saturate to all ones, where its gradient vanishes.
     seg_bce: float = Field(10.0, ge=0.0)
-    #: not in the paper (0 restores it): relative error of the fine segmentation's column heights, the
-    #: shape RHLV measures; Dice and edges let a cupped or tilted endplate be drawn flat for little cost.
-    column_height: float = Field(0.0, ge=0.0)
 
 
 class TrainParams(Section):

@@ -12,8 +12,8 @@ from typing import Literal
 import torch
 
 from healthivert.config import LossWeights, ModelParams
-from healthivert.losses.terms import (column_height_loss, dice_loss, edge_loss, gan_loss, masked_l1,
-                                      relative_height_loss, segmentation_bce)
+from healthivert.losses.terms import (dice_loss, edge_loss, gan_loss, masked_l1, relative_height_loss,
+                                      segmentation_bce)
 from healthivert.models.generator import GeneratorOutput
 
 Stage = Literal["coarse", "fine"]
@@ -35,8 +35,7 @@ class GeneratorLoss:
     ``l1``: masked L1 of the assembled CT vs the real one, averaged over coarse and fine;
     ``dice_coarse``: Dice of the coarse neighbour segmentation; ``dice_fine``: Dice of the fine target
     segmentation; ``edge``: Sobel edge MSE of the fine target segmentation (``edge_module``);
-    ``height``: relative height error, summed over the stages (``height_module``); ``column_height``:
-    relative error of the fine target segmentation's column heights (not in the paper).
+    ``height``: relative height error, summed over the stages (``height_module``).
 
     Args:
         weights: the loss weights (``LossWeights``: gan 1, l1 200, dice 10/15, edge 800, height 40).
@@ -83,8 +82,6 @@ class GeneratorLoss:
                 terms["seg_bce"] = terms["seg_bce"] + w.seg_bce * segmentation_bce(output.seg, batch["real_target"])
         if fine and w.edge > 0 and self.model_params.edge_module:
             terms["edge"] = w.edge * edge_loss(output.seg, batch["real_target"])
-        if fine and w.column_height > 0:
-            terms["column_height"] = w.column_height * column_height_loss(output.seg, batch["real_target"])
         if w.height > 0 and self.model_params.height_module:
             heights = [output.coarse_height] + ([output.fine_height] if fine else [])
             terms["height"] = w.height * sum(relative_height_loss(h, batch["height"]) for h in heights)

@@ -54,22 +54,3 @@ def edge_loss(probability: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def relative_height_loss(predicted: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """Mean relative height error ``|h_pred - h| / h`` (heights in rows; ``h`` floored at 1 row)."""
     return ((predicted - real).abs() / real.clamp(min=1.0)).mean()
-
-
-def column_height_loss(probability: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Column-wise shape: mean ``|h_pred(c) - h(c)|`` over the columns either label occupies, relative
-    to the real slice's tallest column, averaged over the batch.
-
-    ``h_pred(c)`` counts the column's rows above 0.5, the height RHLV measures of the thresholded label;
-    its gradient passes straight through to the probabilities (so a diffuse label cannot match the
-    heights without crossing the threshold). Dice and edges weigh a one-row error at a wall as little as
-    one anywhere else; this term sees every column's height, so a cupped or tilted endplate drawn flat costs.
-    """
-    soft = probability.float()
-    hard = (soft > 0.5).float() + soft - soft.detach()
-    predicted = hard.sum(dim=2)
-    real = target.float().sum(dim=2)
-    occupied = ((predicted.detach() > 0.5) | (real > 0.5)).float()
-    tallest = real.amax(dim=(1, 2)).clamp(min=1.0)
-    error = ((predicted - real).abs() * occupied).sum(dim=(1, 2)) / occupied.sum(dim=(1, 2)).clamp(min=1.0)
-    return (error / tallest).mean()
