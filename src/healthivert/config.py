@@ -73,8 +73,8 @@ class PhantomParams(Section):
     normal_deformity_share: float = Field(0.4, ge=0.0, le=1.0)
     fov_mm: tuple[float, float] = (170.0, 130.0)
     #: per drawn patient, the depth of the endplates' cup (share of the body height lost at the central
-    #: column) is drawn from this range: the middle third is then 0.86-0.97 of the taller wall, as in
-    #: VerSe'19 0007's healthy thoracic bodies (0.86-0.95); 0 gives flat endplates
+    #: column) is drawn from this range: the middle third is then 0.85-0.99 of the taller wall (median
+    #: 0.91), as in the sample spines' healthy bodies (0.78-0.96); 0 gives flat endplates
     endplate_concavity_range: tuple[float, float] = (0.10, 0.28)
     orientations: tuple[str, ...] = Field(("RAS", "LPS", "PIR", "IPL", "LAS"), min_length=1)
     #: real label maps rendered as further cases, after the drawn ones
