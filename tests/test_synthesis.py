@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from healthivert.io.nifti import load_volume, save_volume
 from healthivert.models import HealthiVertGenerator, save_generator
 from healthivert.synthesis.index import read_index
 from healthivert.synthesis import iterative
-from healthivert.synthesis.iterative import central_slices, prepare_for_synthesis, synthesise_vertebra
+from healthivert.synthesis.iterative import (central_slices, fill_kept_rows, prepare_for_synthesis,
+                                             synthesise_vertebra)
 from test_rhlv_stage import IPL, NO_PARAMS, main, write_crops
 
 HEIGHT = 28  # rows the generators below predict (taller than the 24-row boxes)
@@ -110,6 +112,50 @@ def test_a_prediction_below_the_vertebra_own_height_keeps_its_own_height() -> No
     synthesised_rows = np.flatnonzero((result.label[:, :, 8] == 21).any(axis=1))
     assert synthesised_rows.tolist() == list(range(52, 76))  # the 24 rows it has, in place
     np.testing.assert_allclose(result.ct[20:52, :, 8], ct[20:52, :, 8], atol=0.5)
+
+
+def test_fill_stretches_a_short_body_over_the_kept_rows_and_keeps_a_full_one() -> None:
+    generated = np.zeros(40, dtype=bool)
+    generated[10:30] = True
+    probability = np.zeros((40, 6), dtype=np.float32)
+    probability[12:28, 1:5] = 0.9  # the body stops 2 rows short at either end
+    ct = np.tile(np.arange(40, dtype=np.float32)[:, None], (1, 6))
+    filled, filled_ct = fill_kept_rows(probability, ct, generated)
+    assert np.flatnonzero((filled > 0.5).any(axis=1)).tolist() == list(range(10, 30))
+    assert np.all(filled[:10] == 0) and np.all(filled[30:] == 0)
+    np.testing.assert_array_equal(filled_ct[:10], ct[:10])  # the context is not touched
+    assert filled_ct[10, 0] == pytest.approx(12.0, abs=0.5) and filled_ct[29, 0] == pytest.approx(27.0, abs=0.5)
+    full = np.zeros_like(probability)
+    full[10:30, 1:5] = 0.9
+    kept, kept_ct = fill_kept_rows(full, ct, generated)
+    np.testing.assert_allclose(kept, full, atol=1e-6)
+    np.testing.assert_allclose(kept_ct, ct, atol=1e-5)
+    empty, empty_ct = fill_kept_rows(np.zeros_like(probability), ct, generated)
+    assert not empty.any() and np.array_equal(empty_ct, ct)
+
+
+def test_a_short_segmentation_is_stretched_to_the_restored_height_unless_switched_off() -> None:
+    ct, label = crop()
+    generator = fixed_height_generator()
+    with torch.no_grad():  # the segmentation marks only the rows of the band's central 20
+        generator.fine.seg_head.bias.fill_(-20.0)
+        generator.fine.seg_head.weight.zero_()
+    original_forward = generator.forward
+
+    def short_body(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        out = original_forward(*args, **kwargs)
+        seg = torch.zeros_like(out.seg)
+        seg[:, :, 54:74] = 1.0  # inside the kept rows 50..77, 4 rows short at either end
+        return dataclasses.replace(out, seg=seg)
+
+    generator.forward = short_body  # type: ignore[method-assign]
+    rows = {}
+    for fill in (True, False):
+        result = synthesise_vertebra({"sagittal": generator}, ct, label, None, 21, (20, 22),
+                                     SynthesizeParams(iterative=False, fill_height=fill), 1.0, torch.device("cpu"))
+        rows[fill] = np.flatnonzero((result.label[:, :, 8] == 21).any(axis=1)).tolist()
+    assert rows[True] == list(range(50, 78))
+    assert rows[False] == list(range(54, 74))
 
 
 def test_iterative_steps_move_the_target_with_its_restored_neighbour() -> None:

@@ -307,6 +307,7 @@ class SynthesizeParams(Section):
     views: tuple[View, ...] = ("sagittal",)
     slice_fraction: float = Field(0.8, gt=0.0, le=1.0)
     iterative: bool = True
+    fill_height: bool = True
     neighbour_min_voxels: int = Field(200, ge=0)
     batch_size: int = Field(4, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -17,7 +17,8 @@ A restored neighbour is labelled by its own label stretched to its restored heig
 carries the target's context (and the SHRM's neighbour height), and the generator's segmentation,
 trained on vertebrae centred in the crop, is unreliable for the off-centre neighbours (it lost whole
 neighbours of the phantom's test vertebrae, which halved the target's neighbour height). The target
-is labelled by the generator's segmentation.
+is labelled by the generator's segmentation; with ``fill_height`` its body (segmentation and CT) is
+stretched over the kept rows, so the synthesised vertebra has the restored height.
 
 With two views, the CT intensities and the target probabilities of the views are averaged where
 both synthesised a voxel; slices outside the synthesised range keep the original.
@@ -112,6 +113,39 @@ def _stretched(label_slice: np.ndarray, vertebra: int, rows: tuple[int, int], ge
     return out
 
 
+def fill_kept_rows(probability: np.ndarray, ct: np.ndarray, generated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stretch a synthesised vertebra over the rows the assembly kept, so it has the restored height.
+
+    The segmentation head's body can stop short of the kept rows (its probability stays below 0.5 at
+    the endplates: 0.6 rows short of the restored height on the phantom's vertebrae, training ones
+    included). The kept rows of the probability and the CT are resampled along the rows (linearly, one
+    mapping for both) so that the body's rows (probability > 0.5 in some column) span them exactly.
+
+    Args:
+        probability: ``(H, W)`` the vertebra's probability, 0 outside the kept rows.
+        ct: ``(H, W)`` the assembled CT.
+        generated: ``(H,)`` bool, the kept rows (contiguous).
+
+    Returns:
+        The stretched probability and CT (unchanged where no body or no kept row is found).
+    """
+    rows = np.flatnonzero(generated)
+    body = np.flatnonzero(probability.max(axis=1) > 0.5)
+    if rows.size == 0 or body.size == 0:
+        return probability, ct
+    first, count = int(rows[0]), rows.size
+    top, bottom = int(body[0]), int(body[-1]) + 1
+    source = top + (np.arange(count) + 0.5) * (bottom - top) / count - 0.5
+    low = np.floor(source).astype(np.int64)
+    share = (source - low)[:, None]
+    high = np.clip(low + 1, 0, probability.shape[0] - 1)
+    low = np.clip(low, 0, probability.shape[0] - 1)
+    filled_probability, filled_ct = np.zeros_like(probability), ct.copy()
+    filled_probability[first:first + count] = probability[low] * (1 - share) + probability[high] * share
+    filled_ct[first:first + count] = ct[low] * (1 - share) + ct[high] * share
+    return filled_probability, filled_ct
+
+
 def prepare_for_synthesis(generator: HealthiVertGenerator) -> HealthiVertGenerator:
     """``generator`` in eval mode with channels-last weights.
 
@@ -170,11 +204,12 @@ def _run_generator(generator: HealthiVertGenerator, samples: list[dict[str, np.n
 def _synthesise_step(generator: HealthiVertGenerator, ct: np.ndarray, label: np.ndarray, cam: np.ndarray | None,
                      vertebra: int, slices: np.ndarray, ratios: np.ndarray, min_voxels: int, max_height: int,
                      batch_size: int, device: torch.device, autocast_dtype: torch.dtype | None, stage: Stage,
-                     label_from_segmentation: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     label_from_segmentation: bool, fill_height: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Synthesise ``vertebra`` in the given slices of ``ct``/``label``/``cam`` (slicing axis last), in place.
 
-    The restored vertebra is labelled by the generator's segmentation (``label_from_segmentation``)
-    or by its own label stretched to the restored height.
+    The restored vertebra is labelled by the generator's segmentation (``label_from_segmentation``),
+    stretched over the kept rows with ``fill_height`` (:func:`fill_kept_rows`), or by its own label
+    stretched to the restored height.
 
     Returns:
         the slices done, the vertebra's probability ``(n, H, W)`` in them (0 outside its generated
@@ -197,13 +232,16 @@ def _synthesise_step(generator: HealthiVertGenerator, ct: np.ndarray, label: np.
     bands = torch.from_numpy(np.stack([s["band"] for s in samples]))
     context_rows, generated = (t.numpy() for t in assembly_rows(n_rows, bands, torch.from_numpy(kept)))
     probabilities = np.where(generated[:, :, None], out_seg, 0.0).astype(np.float32)
+    if label_from_segmentation and fill_height:
+        for i in range(len(samples)):
+            probabilities[i], out_ct[i] = fill_kept_rows(probabilities[i], out_ct[i], generated[i])
     for i, k in enumerate(chosen):
         label_slice = label[:, :, k]
         band = (int(samples[i]["band"][0]), int(samples[i]["band"][1]))
         context_label = close_up(label_slice, _target_rows(label_slice, vertebra, max_height), band)[context_rows[i]]
         context_label[context_label == vertebra] = 0  # rows of a target taller than the gap
         if label_from_segmentation:
-            restored = np.where(out_seg[i] > 0.5, vertebra, 0)
+            restored = np.where(probabilities[i] > 0.5, vertebra, 0)
         else:
             restored = _stretched(label_slice, vertebra, _target_rows(label_slice, vertebra, max_height), generated[i])
         new_label = np.where(generated[i][:, None], restored, context_label)
@@ -232,7 +270,7 @@ def _synthesise_view(generator: HealthiVertGenerator, ct: np.ndarray, label: np.
         done, prob, step_heights = _synthesise_step(
             generator, work_ct, work_label, work_cam, vertebra, slices, ratios,
             0 if is_target else params.neighbour_min_voxels, max_height, params.batch_size, device, autocast_dtype,
-            stage, label_from_segmentation=is_target)
+            stage, label_from_segmentation=is_target, fill_height=params.fill_height)
         if is_target and done.size:
             probability[:, :, done] = np.moveaxis(prob, 0, -1)
             covered[done] = True
