@@ -151,6 +151,22 @@ def test_height_head_starts_at_the_neighbour_prior_and_falls_back_without_one() 
     assert not torch.allclose(reference.coarse_height[:2], prior[:2], atol=0.5)
 
 
+def test_without_the_correction_a_known_prior_is_the_height_and_features_fill_in_the_unknown() -> None:
+    x = inputs(3, 64, band=16)
+    prior = torch.tensor([7.0, 12.5, float("nan")])
+    gen = build(max_height_px=16, height_correction=False)
+    with torch.no_grad():
+        for head in (gen.coarse_height_head, gen.fine_height_head):
+            head.linear.bias.fill_(1.0)  # a learnt correction, which must not move a known prior
+    out = gen(**x, neighbour_height=prior)
+    torch.testing.assert_close(out.coarse_height[:2], prior[:2])
+    torch.testing.assert_close(out.fine_height[:2], prior[:2])
+    assert out.coarse_height[2].item() == pytest.approx(16 * torch.sigmoid(torch.tensor(1.0)).item(), abs=1e-4)
+    out.coarse_height.sum().backward()  # only the sample without a prior trains the features' head
+    grad = gen.coarse_height_head.linear.bias.grad
+    assert grad is not None and grad.item() == pytest.approx(16 * 0.7311 * 0.2689, rel=1e-3)
+
+
 def test_coarse_height_head_learns_a_correction_for_one_sided_priors() -> None:
     x = inputs(4, 64, band=16)
     prior = torch.tensor([10.0, 10.0, 10.0, float("nan")])

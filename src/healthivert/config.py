@@ -203,6 +203,9 @@ class ModelParams(Section):
         height_module: SHRM height heads and re-assembly at the predicted height; off keeps the band.
         height_prior: the SHRM heads correct the mean height of the target's neighbours in the slice
             instead of predicting the height from nothing (off: the reference's head).
+        height_correction: with ``height_prior``, the heads add a correction learnt from the features
+            to the prior (off: the height is the prior, with the learnt one-sided step; the features
+            predict it only where no neighbour is whole).
         attention_module: HGAM (``1 - Grad-CAM++``) input of the generator decoders.
         contextual_attention: the fine stage's contextual-attention branch (off: dilated branch only).
     """
@@ -216,6 +219,7 @@ class ModelParams(Section):
     edge_module: bool = True
     height_module: bool = True
     height_prior: bool = True
+    height_correction: bool = True
     attention_module: bool = True
     contextual_attention: bool = True
 

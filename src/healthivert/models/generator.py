@@ -110,15 +110,19 @@ class HeightHead(nn.Module):
     Where the prior is NaN or not given, the head predicts the height from the features alone, as the
     reference's does. With ``use_side`` (the coarse head) a learnt weight times the prior's side
     (:func:`healthivert.data.samples.neighbour_prior`: -1 only the vertebra above, +1 only the one
-    below) is added too, so a one-sided prior's level step is corrected. The head runs in float32 (a
+    below) is added too, so a one-sided prior's level step is corrected. Without ``correct_prior`` the
+    features' correction is left out where the prior is known: the height is the prior (and the side
+    term), and the features predict it only where the prior is NaN. The head runs in float32 (a
     bfloat16 sigmoid x 40 resolves heights to ~0.15 rows only).
     """
 
-    def __init__(self, channels: int, max_height: float, use_prior: bool = False, use_side: bool = False) -> None:
+    def __init__(self, channels: int, max_height: float, use_prior: bool = False, use_side: bool = False,
+                 correct_prior: bool = True) -> None:
         super().__init__()
         self.linear = nn.Linear(channels, 1)
         self.max_height = float(max_height)
         self.use_prior = use_prior
+        self.correct_prior = correct_prior
         if use_prior:
             nn.init.zeros_(self.linear.weight)
             nn.init.zeros_(self.linear.bias)
@@ -132,7 +136,9 @@ class HeightHead(nn.Module):
             if self.use_prior and prior is not None:
                 share = (prior.float() / self.max_height).clamp(0.02, 0.98)
                 known = torch.isfinite(share)
-                logit = logit + torch.where(known, torch.logit(share), torch.zeros_like(share))
+                prior_logit = torch.logit(share)
+                logit = (torch.where(known, logit + prior_logit, logit) if self.correct_prior
+                         else torch.where(known, prior_logit, logit))
                 if self.side_weight is not None and side is not None:
                     logit = logit + torch.where(known, self.side_weight * side.float(), torch.zeros_like(share))
             return torch.sigmoid(logit) * self.max_height
@@ -293,9 +299,10 @@ class HealthiVertGenerator(nn.Module):
         self.fine = FineGenerator(cnum, model_params.attention_module, model_params.contextual_attention)
         if model_params.height_module:
             self.coarse_height_head = HeightHead(self.coarse.feature_channels, model_params.max_height_px,
-                                                 model_params.height_prior, use_side=True)
+                                                 model_params.height_prior, use_side=True,
+                                                 correct_prior=model_params.height_correction)
             self.fine_height_head = HeightHead(self.fine.feature_channels, model_params.max_height_px,
-                                               model_params.height_prior)
+                                               model_params.height_prior, correct_prior=model_params.height_correction)
 
     def _finish(self, raw_ct: torch.Tensor, raw_seg: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
                 band: torch.Tensor, height: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
