@@ -86,6 +86,17 @@ def _s3_keys(run: str) -> list[str]:
     return [item["Key"] for item in listing.get("Contents", []) if item["Key"].endswith(CHECKPOINT_NAME)]
 
 
+def _mirrored(run: str, local: Path) -> bool:
+    """Whether the bucket holds the pod's latest checkpoint ``local`` (the mirror uploads in the background)."""
+    import boto3
+    from conftest import BUCKET
+
+    keys = _s3_keys(run)
+    if not keys or not local.is_file():
+        return False
+    return boto3.client("s3").get_object(Bucket=BUCKET, Key=keys[0])["Body"].read() == local.read_bytes()
+
+
 SETTINGS = LoopSettings(epochs=2, steps_per_epoch=3, batch_size=4, checkpoint_every=2, seed=0)
 CPU = Runtime(torch.device("cpu"))
 
@@ -116,10 +127,13 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(data, tmp_path: Pat
     def kill(step: int) -> None:
         if step == kill_at:
             if storage == "s3":
-                deadline = time.monotonic() + 10  # the mirror uploads in the background while training runs
-                while not (mirror := list(_s3_keys(tmp_path.name))) and time.monotonic() < deadline:
+                # the mirror uploads in the background: wait for the latest checkpoint (step 4), not any
+                # (on a busy machine the bucket still held step 3's when the pod was lost)
+                local = tmp_path / "killed" / "pod-1" / CHECKPOINT_NAME
+                deadline = time.monotonic() + 10
+                while not (mirrored := _mirrored(tmp_path.name, local)) and time.monotonic() < deadline:
                     time.sleep(0.05)
-                assert mirror, "no checkpoint reached the bucket"
+                assert mirrored, "the latest checkpoint did not reach the bucket"
                 shutil.rmtree(tmp_path / "killed" / "pod-1")
             raise Killed
 
