@@ -292,3 +292,22 @@ def test_coarse_stage_generator_runs_without_its_fine_network() -> None:
                                  torch.device("cpu"), stage="coarse")
     assert fine_calls == []
     assert result.predicted_height_mm == pytest.approx(HEIGHT, abs=1e-3)
+
+
+def test_height_from_prior_leaves_out_the_learnt_correction_at_synthesis(tmp_path: Path) -> None:
+    from test_models import inputs
+
+    params = ModelParams(size="cpu", max_height_px=40, contextual_attention=False)
+    generator = HealthiVertGenerator(params)
+    with torch.no_grad():
+        for head in (generator.coarse_height_head, generator.fine_height_head):
+            head.linear.bias.fill_(1.0)  # a learnt correction of the prior
+    save_generator(tmp_path / "generator.pt", generator, params, {"view": "sagittal"})
+    prior = torch.tensor([24.0])
+    heights = []
+    for from_prior in (False, True):
+        loaded, _ = iterative.load_view_generators(tmp_path, params, ["sagittal"], torch.device("cpu"), from_prior)
+        with torch.inference_mode():
+            heights.append(float(loaded["sagittal"](**inputs(1, 64, band=40), neighbour_height=prior).height[0]))
+    assert heights[0] > 30.0  # the prior, corrected twice (coarse, then fine)
+    assert heights[1] == pytest.approx(24.0, abs=1e-3)

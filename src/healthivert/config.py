@@ -306,12 +306,17 @@ class TrainFineParams(TrainParams):
 
 # ------------------------------------------------------------------------------------ later stages
 class SynthesizeParams(Section):
-    """Iterative 2.5D synthesis of pseudo-healthy vertebrae."""
+    """Iterative 2.5D synthesis of pseudo-healthy vertebrae.
+
+    ``height_from_prior``: the SHRM heads leave out their learnt correction where the neighbour prior
+    is known (``model.height_correction`` off at synthesis only; a trained model is unchanged).
+    """
 
     views: tuple[View, ...] = ("sagittal",)
     slice_fraction: float = Field(0.8, gt=0.0, le=1.0)
     iterative: bool = True
     fill_height: bool = True
+    height_from_prior: bool = False
     neighbour_min_voxels: int = Field(200, ge=0)
     batch_size: int = Field(4, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -65,7 +65,8 @@ def run(params: Params, data: Path, attention: Path, model_dir: Path, out: Path)
     settings = params.synthesize
     device = choose_device(settings.device)
     autocast_dtype = choose_precision(device, settings.precision)
-    generators, stage = load_view_generators(model_dir, params.model, params.synthesize.views, device)
+    generators, stage = load_view_generators(model_dir, params.model, params.synthesize.views, device,
+                                             params.synthesize.height_from_prior)
     manifest = read_manifest(data)
     records = []
     started = time.perf_counter()

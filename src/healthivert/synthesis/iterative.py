@@ -156,8 +156,12 @@ def prepare_for_synthesis(generator: HealthiVertGenerator) -> HealthiVertGenerat
 
 
 def load_view_generators(model_dir: Path, model_params: ModelParams, views: tuple[View, ...] | list[View],
-                         device: torch.device) -> tuple[dict[str, HealthiVertGenerator], Stage]:
+                         device: torch.device, height_from_prior: bool = False
+                         ) -> tuple[dict[str, HealthiVertGenerator], Stage]:
     """The generator of each view of a model folder (ready for synthesis) and their training stage.
+
+    With ``height_from_prior`` the SHRM heads leave out their learnt correction where the neighbour
+    prior is known (``synthesize.height_from_prior``).
 
     Raises:
         CheckpointError: a file is missing, of another architecture, trained on another view, or the
@@ -166,6 +170,8 @@ def load_view_generators(model_dir: Path, model_params: ModelParams, views: tupl
     generators, stages = {}, set()
     for view in views:
         generator, extra = load_view_generator(model_dir, view, device, expected=model_params)
+        if height_from_prior and model_params.height_module:
+            generator.coarse_height_head.correct_prior = generator.fine_height_head.correct_prior = False
         generators[view] = prepare_for_synthesis(generator)
         stages.add(extra.get("stage", "fine"))
     if len(stages) > 1:
