@@ -304,6 +304,11 @@ class HealthiVertGenerator(nn.Module):
             self.fine_height_head = HeightHead(self.fine.feature_channels, model_params.max_height_px,
                                                model_params.height_prior, correct_prior=model_params.height_correction)
 
+    def heights_from_prior(self) -> None:
+        """Leave out the SHRM heads' learnt correction where the prior is known (as ``height_correction`` off)."""
+        if self.params.height_module:
+            self.coarse_height_head.correct_prior = self.fine_height_head.correct_prior = False
+
     def _finish(self, raw_ct: torch.Tensor, raw_seg: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
                 band: torch.Tensor, height: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Assemble at ``height``, or paste the whole band into the context when ``height`` is None."""

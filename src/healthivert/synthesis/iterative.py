@@ -170,8 +170,8 @@ def load_view_generators(model_dir: Path, model_params: ModelParams, views: tupl
     generators, stages = {}, set()
     for view in views:
         generator, extra = load_view_generator(model_dir, view, device, expected=model_params)
-        if height_from_prior and model_params.height_module:
-            generator.coarse_height_head.correct_prior = generator.fine_height_head.correct_prior = False
+        if height_from_prior:
+            generator.heights_from_prior()
         generators[view] = prepare_for_synthesis(generator)
         stages.add(extra.get("stage", "fine"))
     if len(stages) > 1:
