@@ -112,13 +112,16 @@ def load_volume(path: str | os.PathLike[str], *, label: bool = False) -> Volume:
     return Volume(data.astype(np.float32), affine, path)
 
 
-def save_volume(path: str | os.PathLike[str], volume: Volume | np.ndarray, affine: np.ndarray | None = None) -> Path:
-    """Write a volume atomically; the dtype of the array is kept (labels stay integers).
+def save_volume(path: str | os.PathLike[str], volume: Volume | np.ndarray, affine: np.ndarray | None = None,
+                *, stored_dtype: type[np.generic] | None = None) -> Path:
+    """Write a volume atomically; the dtype of the array is kept (labels stay integers) unless ``stored_dtype``.
 
     Args:
         path: target ``.nii.gz`` file.
         volume: a :class:`Volume`, or an array together with ``affine``.
         affine: voxel-to-world matrix when ``volume`` is an array.
+        stored_dtype: type on disk, e.g. ``np.uint8`` for a float map: nibabel quantises it over its
+            range (256 levels) with the header's slope and intercept, which :func:`load_volume` applies.
     """
     if isinstance(volume, Volume):
         array, affine = volume.array, volume.affine
@@ -132,6 +135,8 @@ def save_volume(path: str | os.PathLike[str], volume: Volume | np.ndarray, affin
     if array.dtype == np.float64:
         array = array.astype(np.float32)
     image = nib.Nifti1Image(array, affine)
+    if stored_dtype is not None:
+        image.set_data_dtype(stored_dtype)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     path = Path(path)

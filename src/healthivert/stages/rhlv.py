@@ -15,18 +15,19 @@ else NaN) and ``map_path``.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from healthivert.config import Params
 from healthivert.data.manifest import crop_name, read_manifest, resolve
 from healthivert.errors import InputDataError
 from healthivert.io.atomic import atomic_dir, atomic_path
 from healthivert.io.nifti import Volume, check_same_grid, load_volume, save_volume
+from healthivert.parallel import map_cases
 from healthivert.rhlv.vertebra import THIRD_NAMES, loss_map_volume
 from healthivert.rhlv.vertebra import measure_vertebra as measure_vertebra_crop
 from healthivert.rhlv.figures import height_loss_figure
@@ -122,6 +123,20 @@ def measure_vertebra(row: pd.Series, data: Path, syn_path: Path, params: Params
     return record, loss, loss_map_volume(loss, original.affine, syn)
 
 
+def measure_case(rows: pd.DataFrame, data: Path, params: Params, maps: Path) -> list[dict[str, object]]:
+    """Measure the vertebrae of one case (manifest rows with ``syn_path``), writing their maps (NIfTI, PNG) to ``maps``."""
+    records = []
+    for _, row in rows.iterrows():
+        name = crop_name(row["case"], row["vertebra"])
+        record, loss, map_volume = measure_vertebra(row, data, row["syn_path"], params)
+        save_volume(maps / f"{name}.nii.gz", map_volume)
+        figure = height_loss_figure(loss, map_volume.spacing_mm[1:], title=f"{name} ({row['name']})")
+        with atomic_path(maps / f"{name}.png") as png:
+            figure.savefig(png, format="png")
+        records.append(record | {"map_path": f"{MAPS_FOLDER}/{name}.nii.gz"})
+    return records
+
+
 def summarise(table: pd.DataFrame) -> dict[str, float]:
     """Stage metrics: vertebrae measured and, where the truth is known, mean absolute errors per third.
 
@@ -155,18 +170,12 @@ def run(params: Params, data: Path, synth: Path | None, out: Path) -> dict[str, 
     """
     manifest = read_manifest(data)
     syn_paths = _healthy_labels(manifest, data) if synth is None else _synthesised_labels(manifest, synth)
-    records = []
+    manifest = manifest.assign(syn_path=[syn_paths[(row.case, int(row.vertebra))] for row in manifest.itertuples()])
+    cases = [rows for _, rows in manifest.groupby("case", sort=False)]
     with atomic_dir(out) as tmp:
-        for _, row in tqdm(manifest.iterrows(), total=len(manifest), desc="rhlv", unit="vertebra", disable=None):
-            name = crop_name(row["case"], row["vertebra"])
-            record, loss, map_volume = measure_vertebra(row, data, syn_paths[(row["case"], int(row["vertebra"]))], params)
-            save_volume(tmp / MAPS_FOLDER / f"{name}.nii.gz", map_volume)
-            figure = height_loss_figure(loss, map_volume.spacing_mm[1:], title=f"{name} ({row['name']})")
-            with atomic_path(tmp / MAPS_FOLDER / f"{name}.png") as png:
-                figure.savefig(png, format="png")
-            record["map_path"] = f"{MAPS_FOLDER}/{name}.nii.gz"
-            records.append(record)
-        table = pd.DataFrame(records)
+        (tmp / MAPS_FOLDER).mkdir()
+        measure = functools.partial(measure_case, data=data, params=params, maps=tmp / MAPS_FOLDER)
+        table = pd.DataFrame([record for records in map_cases(measure, cases, "rhlv") for record in records])
         table["grade"] = table["grade"].astype("Int64")
         with atomic_path(tmp / TABLE_NAME) as path:
             table.to_parquet(path, index=False)
