@@ -22,6 +22,8 @@ SMALLEST = {
     "bench_downstream.py": ["--repeats", "1", "--sizes", "cpu", "--precisions", "fp32"],
     "bench_preprocess.py": ["--cases", "1"],
     "bench_grade.py": ["--vertebrae", "3", "--sizes", "cpu"],
+    "bench_pipeline.py": ["--work", "repo", "--target", "preprocess", "--set", "phantom.cases=2", "--set", "phantom.vertebrae_per_case=[4,4]",
+                          "--set", "tracking.enabled=false"],
 }
 
 
