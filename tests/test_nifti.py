@@ -31,6 +31,18 @@ def test_round_trip_keeps_dtype_geometry_and_orientation(tmp_path: Path) -> None
     assert "orientation=IPL" in repr(image) and "ct.nii.gz" in repr(image)
 
 
+def test_a_float_map_stored_as_uint8_reads_back_as_floats_within_a_level(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    attention = rng.random((8, 9, 10)).astype(np.float32)
+    path = save_volume(tmp_path / "cam.nii.gz", attention, np.eye(4), stored_dtype=np.uint8)
+    assert nib.load(str(path)).get_data_dtype() == np.uint8
+    back = load_volume(path).array
+    assert back.dtype == np.float32
+    assert np.max(np.abs(back - attention)) <= 0.5 / 255 * (attention.max() - attention.min()) + 1e-6
+
+
 def test_with_array_and_grid_checks(tmp_path: Path) -> None:
     volume = Volume(np.zeros((2, 3, 4), dtype=np.float32), _affine(), tmp_path / "a.nii.gz")
     with pytest.raises(ValueError, match="shape"):
