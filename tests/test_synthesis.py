@@ -306,7 +306,8 @@ def test_height_from_prior_leaves_out_the_learnt_correction_at_synthesis(tmp_pat
     prior = torch.tensor([24.0])
     heights = []
     for from_prior in (False, True):
-        loaded, _ = iterative.load_view_generators(tmp_path, params, ["sagittal"], torch.device("cpu"), from_prior)
+        loaded, _ = iterative.load_view_generators(tmp_path, params, SynthesizeParams(height_from_prior=from_prior),
+                                                   torch.device("cpu"))
         with torch.inference_mode():
             heights.append(float(loaded["sagittal"](**inputs(1, 64, band=40), neighbour_height=prior).height[0]))
     assert heights[0] > 30.0  # the prior, corrected twice (coarse, then fine)

@@ -206,8 +206,7 @@ def load_bundle(source: str | os.PathLike[str], device: torch.device | str = "cp
         params = load_params([path / PARAMS_NAME])
     except HealthiVertError as exc:
         raise CheckpointError(path / PARAMS_NAME, "parameters of the bundle are not valid", str(exc)) from exc
-    generators, stage = load_view_generators(path, params.model, params.synthesize.views, device,
-                                             params.synthesize.height_from_prior)
+    generators, stage = load_view_generators(path, params.model, params.synthesize, device)
     classifier = None
     if params.model.attention_module:
         classifier = load_classifier(path / CLASSIFIER_NAME, device, expected=params.model)

@@ -65,8 +65,7 @@ def run(params: Params, data: Path, attention: Path, model_dir: Path, out: Path)
     settings = params.synthesize
     device = choose_device(settings.device)
     autocast_dtype = choose_precision(device, settings.precision)
-    generators, stage = load_view_generators(model_dir, params.model, params.synthesize.views, device,
-                                             params.synthesize.height_from_prior)
+    generators, stage = load_view_generators(model_dir, params.model, settings, device)
     manifest = read_manifest(data)
     records = []
     started = time.perf_counter()

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from healthivert.config import ModelParams, SynthesizeParams, View
+from healthivert.config import ModelParams, SynthesizeParams
 from healthivert.errors import CheckpointError
 from healthivert.models.io import generator_file, load_view_generator
 from healthivert.data.samples import assembly_rows, close_up, make_sample
@@ -155,22 +155,21 @@ def prepare_for_synthesis(generator: HealthiVertGenerator) -> HealthiVertGenerat
     return generator.eval().to(memory_format=torch.channels_last)
 
 
-def load_view_generators(model_dir: Path, model_params: ModelParams, views: tuple[View, ...] | list[View],
-                         device: torch.device, height_from_prior: bool = False
-                         ) -> tuple[dict[str, HealthiVertGenerator], Stage]:
-    """The generator of each view of a model folder (ready for synthesis) and their training stage.
+def load_view_generators(model_dir: Path, model_params: ModelParams, settings: SynthesizeParams,
+                         device: torch.device) -> tuple[dict[str, HealthiVertGenerator], Stage]:
+    """The generator of each of ``settings.views`` in a model folder (ready for synthesis) and their training stage.
 
-    With ``height_from_prior`` the SHRM heads leave out their learnt correction where the neighbour
-    prior is known (``synthesize.height_from_prior``).
+    With ``settings.height_from_prior`` the SHRM heads leave out their learnt correction where the
+    neighbour prior is known.
 
     Raises:
         CheckpointError: a file is missing, of another architecture, trained on another view, or the
             views' generators come from different stages.
     """
     generators, stages = {}, set()
-    for view in views:
+    for view in settings.views:
         generator, extra = load_view_generator(model_dir, view, device, expected=model_params)
-        if height_from_prior:
+        if settings.height_from_prior:
             generator.heights_from_prior()
         generators[view] = prepare_for_synthesis(generator)
         stages.add(extra.get("stage", "fine"))
@@ -178,7 +177,7 @@ def load_view_generators(model_dir: Path, model_params: ModelParams, views: tupl
         raise CheckpointError(model_dir, f"the views' generators come from different stages ({', '.join(sorted(stages))})")
     stage = stages.pop()
     if stage not in ("coarse", "fine"):
-        raise CheckpointError(model_dir / generator_file(views[0]), f"unknown training stage '{stage}'")
+        raise CheckpointError(model_dir / generator_file(settings.views[0]), f"unknown training stage '{stage}'")
     return generators, stage  # type: ignore[return-value]
 
 
