@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score
 
+from healthivert.evaluation.floor import neighbour_oracle_rhlv, rhlv_floor_metrics
 from healthivert.evaluation.generation import MAX_PSNR_DB, dice, generation_scores
 from healthivert.evaluation.grading import bootstrap_scores, confusion_stack, macro_scores, paired_bootstrap_difference
 from healthivert.config import CandidateGateParams
@@ -115,6 +116,35 @@ def test_generation_scores_of_a_perfect_and_a_short_synthesis() -> None:
     assert scores.height_error_mm == pytest.approx(-8.0)
     assert scores.dice == pytest.approx(dice(short, label)) == pytest.approx(2 * 12 / 28)
     assert scores.psnr_db < 30 and scores.ssim < 0.9
+
+
+def _spine_truth(healthy: list[float], fractured: list[float], rhlv: list[float]) -> pd.DataFrame:
+    """One patient's consecutive vertebrae 20, 21, ... with the same height in every third."""
+    ids = list(range(20, 20 + len(healthy)))
+    rows = []
+    for i, (h, f, measured) in enumerate(zip(healthy, fractured, rhlv)):
+        rows.append({"case": "sub-p00", "vertebra": ids[i], "above": ids[i - 1] if i else pd.NA,
+                     "below": ids[i + 1] if i + 1 < len(ids) else pd.NA,
+                     **{f"truth_healthy_h_{t}_mm": h for t in ("ant", "mid", "post")},
+                     **{f"truth_h_{t}_mm": f for t in ("ant", "mid", "post")},
+                     **{f"truth_loss_{t}": (h - f) / h for t in ("ant", "mid", "post")},
+                     **{f"rhlv_{t}": measured for t in ("ant", "mid", "post")}})
+    return pd.DataFrame(rows).astype({"above": "Int64", "below": "Int64"})
+
+
+def test_the_neighbour_oracle_restores_from_the_two_neighbours_true_heights() -> None:
+    # 21 is 2 mm taller than the mean of its neighbours and lost 5 mm; 22 lies on the line of its neighbours
+    table = _spine_truth(healthy=[20.0, 24.0, 22.0, 20.0], fractured=[20.0, 19.0, 22.0, 20.0],
+                         rhlv=[0.0, 0.25, 0.1, 0.0])
+    oracle = neighbour_oracle_rhlv(table)
+    assert oracle["vertebra"].tolist() == [21, 22]  # the ends have one neighbour only
+    assert oracle["oracle_mid"].tolist() == pytest.approx([(21.0 - 19.0) / 21.0, 0.0])
+    metrics = rhlv_floor_metrics(table)
+    truth_21 = (24.0 - 19.0) / 24.0
+    assert metrics["rhlv.floor.mae.ant"] == pytest.approx((abs(2.0 / 21.0 - truth_21) + 0.0) / 2)
+    assert metrics["rhlv.floor.gan_mae.post"] == pytest.approx((abs(0.25 - truth_21) + 0.1) / 2)
+    assert metrics["rhlv.floor.n"] == 2
+    assert rhlv_floor_metrics(table.drop(columns=["truth_h_ant_mm"])) == {}  # scans without a phantom truth
 
 
 def wedge_vertebrae(cases: int = 10, seed: int = 0) -> list[tuple[str, str, int, tuple[float, float, float]]]:

@@ -71,6 +71,44 @@ def test_holdout_chooses_c_on_val_only() -> None:
     assert noisy.metrics["test_macro_f1"] < clean.metrics["test_macro_f1"] - 0.3
 
 
+def _in_sample(table: pd.DataFrame, shift: float = 0.15) -> tuple[pd.DataFrame, pd.Series]:
+    """``table`` whose healthy train vertebrae (the generator's targets) measure ``shift`` lower, and those rows."""
+    learnt = (table["split"] == "train") & (table["grade"] == 0)
+    biased = table.copy()
+    biased.loc[learnt, "rhlv_max"] -= shift
+    return biased, learnt
+
+
+def test_the_rhlv_grader_leaves_out_the_vertebrae_the_generator_learnt() -> None:
+    table, learnt = _in_sample(rhlv_table(cases=40, noise=0.0))
+    params = SvmFitParams(features=("rhlv_max",))
+    unseen = fit_grader(table, params, learnt=learnt)
+    on_train = fit_grader(table, params.model_copy(update={"fit_on": "train"}), learnt=learnt)
+    graded = table["grade"].notna() & table["split"].isin(["train", "val"])
+    assert unseen.metrics["fitted_vertebrae"] == (graded & ~learnt).sum()
+    assert unseen.model.info["fit_on"] == "unseen" and "fit_on" not in on_train.model.info
+    # fitted on the in-sample healthy RHLV, the threshold of grade 1 falls and healthy test vertebrae turn mild
+    assert unseen.metrics["test_macro_f1"] >= 0.9
+    assert unseen.metrics["test_macro_f1"] > on_train.metrics["test_macro_f1"] + 0.05
+    assert fit_grader(table, params).model.info.get("fit_on") is None  # no learnt rows given: plain holdout
+
+
+def test_the_unseen_fit_chooses_c_without_the_test_labels() -> None:
+    table, learnt = _in_sample(rhlv_table())
+    params = SvmFitParams(features=("rhlv_max",))
+    shuffled = table.copy()
+    test_rows = shuffled["split"] == "test"
+    shuffled.loc[test_rows, "grade"] = np.random.default_rng(1).permutation(shuffled.loc[test_rows, "grade"].to_numpy())
+    assert fit_grader(table, params, learnt=learnt).metrics["c"] == fit_grader(shuffled, params, learnt=learnt).metrics["c"]
+
+
+def test_an_unseen_fit_without_two_grades_is_refused() -> None:
+    table = rhlv_table()
+    learnt = (table["split"] == "train") | ((table["split"] == "val") & (table["grade"] > 0))
+    with pytest.raises(ValueError, match="did not learn have 1 distinct grade"):
+        fit_grader(table, SvmFitParams(), learnt=learnt)
+
+
 def test_reference_protocol_scores_folds_on_val() -> None:
     table = rhlv_table()
     result = fit_grader(table, SvmFitParams(protocol="reference_cv", folds=5))

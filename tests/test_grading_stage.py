@@ -61,19 +61,26 @@ def test_reference_protocol_from_the_command_line(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "m.json").read_text())["svm_cv_macro_f1"] > 0.85
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda t: t.assign(grade=t["grade"].where(t.index != 4, 7)), "unknown grade 7 for sub-000_12"),
-    (lambda t: t.drop(columns=["rhlv_max"]), "lacks column(s) rhlv_max"),
-    (lambda t: t.assign(split=t["split"].where(t.index != 0, "holdout")), "unknown split 'holdout'"),
-    (lambda t: pd.concat([t, t.iloc[:1]]), "sub-000_8 listed twice"),
-    (lambda t: t.assign(rhlv_max=t["rhlv_max"].where(t.index != 2)), "sub-000_10 has no value for a feature"),
-    (lambda t: t.assign(grade=t["grade"].where(t["split"] != "train", 0)), "the train split has 1 distinct grade(s)"),
-    (lambda t: t[t["split"] != "val"], "choosing C needs graded vertebrae in the val split"),
+UNSEEN = "svm_fit.fit_on=unseen"
+
+
+@pytest.mark.parametrize("damage, message, setting", [
+    (lambda t: t.assign(grade=t["grade"].where(t.index != 4, 7)), "unknown grade 7 for sub-000_12", UNSEEN),
+    (lambda t: t.drop(columns=["rhlv_max"]), "lacks column(s) rhlv_max", UNSEEN),
+    (lambda t: t.assign(split=t["split"].where(t.index != 0, "holdout")), "unknown split 'holdout'", UNSEEN),
+    (lambda t: pd.concat([t, t.iloc[:1]]), "sub-000_8 listed twice", UNSEEN),
+    (lambda t: t.assign(rhlv_max=t["rhlv_max"].where(t.index != 2)), "sub-000_10 has no value for a feature", UNSEEN),
+    (lambda t: t.assign(grade=t["grade"].where(t["split"] != "train", 0)), "the train split has 1 distinct grade(s)", UNSEEN),
+    (lambda t: t[t["split"] != "val"], "choosing C needs graded vertebrae in the val split", "svm_fit.fit_on=train"),
+    # left without the generator's targets (healthy train vertebrae), train and val hold grade 2 only
+    (lambda t: t.assign(grade=t["grade"].mask((t["split"] == "val") | ((t["split"] == "train") & (t["grade"] > 0)), 2)),
+     "the train and val vertebrae the generator did not learn have 1 distinct grade(s)", UNSEEN),
 ])
-def test_bad_tables_give_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], damage, message: str) -> None:
+def test_bad_tables_give_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], damage, message: str,
+                                  setting: str) -> None:
     path = tmp_path / "rhlv.parquet"
     damage(table_with_baseline()).to_parquet(path)
-    assert main(["svm-fit", "--rhlv", str(path), "--out", str(tmp_path / "svm"), *NO_TRACKING]) == 2
+    assert main(["svm-fit", "--rhlv", str(path), "--out", str(tmp_path / "svm"), "--set", setting, *NO_TRACKING]) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
     assert not (tmp_path / "svm").exists()

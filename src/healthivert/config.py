@@ -341,9 +341,15 @@ class SvmFitParams(Section):
     loss, which a linear SVM cannot form from the three thirds, and given the thirds beside it the SVM
     learnt pattern boundaries that missed (patient-grouped 5-fold CV macro-F1 on train + val of four
     phantom runs: 0.908 for ``rhlv_max``, 0.888 with the thirds added, 0.884 for the thirds alone).
+
+    ``fit_on`` (``holdout``): ``unseen`` fits the RHLV grader on the train and val vertebrae that were
+    not the generator's training targets (train vertebrae of grade <= ``target_max_grade`` are), with
+    ``C`` by patient-grouped CV (``folds``); ``train`` fits on the train split and chooses ``C`` on val.
+    The mask-only baseline learns nothing upstream and always fits on train.
     """
 
     protocol: Literal["holdout", "reference_cv"] = "holdout"
+    fit_on: Literal["unseen", "train"] = "unseen"
     features: tuple[str, ...] = Field(("rhlv_max",), min_length=1)
     c_grid: tuple[float, ...] = Field((0.1, 1.0, 10.0, 100.0), min_length=1)
     folds: int = Field(5, ge=2)

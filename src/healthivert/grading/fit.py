@@ -1,7 +1,12 @@
 """Fitting the Genant-grade SVM under the two evaluation protocols.
 
 - ``holdout`` (default, no leakage): fit on the ``train`` split, choose ``C`` on ``val`` by macro-F1,
-  report on ``test``; the splits are by patient (from the preprocessing manifest).
+  report on ``test``; the splits are by patient (from the preprocessing manifest). Where some train
+  vertebrae were the generator's training targets (``learnt``), their RHLV is in-sample (the generator
+  restores the shapes it learnt better than unseen ones) and would teach the grader a healthy RHLV
+  lower than the test split's: the RHLV grader is then fitted on the vertebrae the generator did not
+  learn, the other train ones and ``val``, with ``C`` chosen by patient-grouped cross-validation
+  over them (:func:`fit_unseen`); ``test`` stays untouched.
 - ``reference_cv`` (the paper's protocol, for comparison): stratified k-fold by vertebra over
   ``train`` + ``test``; every fold's model predicts the ``val`` split, and macro scores are averaged
   over the folds. ``C`` is scikit-learn's default 1.0, as in the reference.
@@ -17,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import GroupKFold, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
@@ -128,6 +133,57 @@ def fit_holdout(table: pd.DataFrame, features: Sequence[str], c_grid: Sequence[f
     return GradingResult(model, _predictions(table, model), metrics)
 
 
+def _grouped_cv_f1(rows: pd.DataFrame, features: Sequence[str], c: float, folds: int) -> float:
+    """Mean macro-F1 of ``C = c`` over patient-grouped folds of ``rows`` (folds left with one grade skipped)."""
+    x, y = _xy(rows, features)
+    scores = []
+    splitter = GroupKFold(n_splits=min(folds, rows["case"].nunique()))
+    for fit_index, held_index in splitter.split(x, y, groups=rows["case"].to_numpy()):
+        if np.unique(y[fit_index]).size < 2:
+            continue
+        model = fit_model(x[fit_index], y[fit_index], features, c)
+        scores.append(grade_metrics(y[held_index], model.predict(x[held_index]))["macro_f1"])
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def fit_unseen(table: pd.DataFrame, features: Sequence[str], c_grid: Sequence[float], learnt: pd.Series,
+               folds: int) -> GradingResult:
+    """Fit on the train and val vertebrae not ``learnt``, ``C`` by patient-grouped CV over them; report on ``test``.
+
+    Args:
+        table: as :func:`fit_holdout`.
+        learnt: bool per row of ``table``: the vertebrae whose features are in-sample (the generator's
+            training targets); they are predicted but neither fitted nor scored in the choice of C.
+        folds: number of patient-grouped folds (fewer when there are fewer patients).
+
+    Raises:
+        ValueError: fewer than two grades among the vertebrae to fit.
+    """
+    unseen = _graded(table[~learnt.to_numpy(dtype=bool)], ["train", "val"])
+    x_fit, y_fit = _xy(unseen, features)
+    if np.unique(y_fit).size < 2:
+        raise ValueError(f"the train and val vertebrae the generator did not learn have {np.unique(y_fit).size} "
+                         "distinct grade(s); fitting needs two (svm_fit.fit_on: train fits on all of train)")
+    candidates = sorted(set(float(c) for c in c_grid))
+    metrics: dict[str, float] = {}
+    scores = []
+    for c in candidates:
+        scores.append(_grouped_cv_f1(unseen, features, c, folds) if len(candidates) > 1 else 0.0)
+        metrics[f"cv_macro_f1_c{c:g}"] = scores[-1]
+        log.info("C=%g: patient-grouped CV macro-F1 %.3f", c, scores[-1])
+    best_c = candidates[int(np.argmax(scores))]  # first maximum: the smallest C among ties
+    model = fit_model(x_fit, y_fit, features, best_c)
+    metrics["c"] = best_c
+    metrics["fitted_vertebrae"] = float(len(unseen))
+    for split in ("train", "val", "test"):
+        x_split, y_split = _xy(_graded(table, [split]), features)
+        for key, value in grade_metrics(y_split, model.predict(x_split) if y_split.size else y_split).items():
+            metrics[f"{split}_{key}"] = value
+    model = dataclasses.replace(model, info={"protocol": "holdout", "fit_on": "unseen", "c_grid": candidates,
+                                             "test_macro_f1": metrics["test_macro_f1"]})
+    return GradingResult(model, _predictions(table, model), metrics)
+
+
 def fit_reference_cv(table: pd.DataFrame, features: Sequence[str], folds: int, seed: int) -> GradingResult:
     """The reference protocol: stratified k-fold by vertebra over train + test, each fold scored on ``val``.
 
@@ -160,9 +216,16 @@ def fit_reference_cv(table: pd.DataFrame, features: Sequence[str], folds: int, s
     return GradingResult(final, _predictions(table, final), metrics)
 
 
-def fit_grader(table: pd.DataFrame, params: SvmFitParams, features: Sequence[str] | None = None) -> GradingResult:
-    """Fit under ``params.protocol`` on ``features`` (default ``params.features``)."""
+def fit_grader(table: pd.DataFrame, params: SvmFitParams, features: Sequence[str] | None = None,
+               learnt: pd.Series | None = None) -> GradingResult:
+    """Fit under ``params.protocol`` on ``features`` (default ``params.features``).
+
+    ``learnt`` (bool per row, the generator's training targets) switches the holdout protocol to
+    :func:`fit_unseen` when ``params.fit_on`` is ``unseen`` and some row is learnt.
+    """
     features = tuple(features or params.features)
     if params.protocol == "holdout":
+        if params.fit_on == "unseen" and learnt is not None and bool(learnt.any()):
+            return fit_unseen(table, features, params.c_grid, learnt, params.folds)
         return fit_holdout(table, features, params.c_grid)
     return fit_reference_cv(table, features, params.folds, params.seed)

@@ -7,7 +7,8 @@ under the ``holdout`` protocol, ``val`` under ``reference_cv``.
 
 Metric names are dotted groups, headline first: ``grading.<gan|baseline>.macro_f1`` (with
 ``_ci_low``/``_ci_high``), ``grading.gan_minus_baseline.*``, ``rhlv.mae.<third>``,
-``generation.<healthy|fractured>.*``, ``candidate.passed``, then ``source.<source>.*`` (the same per
+``rhlv.floor.*`` (phantoms: :mod:`healthivert.evaluation.floor`), ``generation.<healthy|fractured>.*``,
+``candidate.passed``, then ``source.<source>.*`` (the same per
 phantom source). MLflow gets them by these names; the JSON files nest them (``{"grading": {"gan":
 {"macro_f1": ...}}}``), which ``dvc metrics show`` prints as ``grading.gan.macro_f1``.
 
@@ -32,6 +33,7 @@ from healthivert.data.manifest import crop_name, read_manifest, resolve
 from healthivert.errors import InputDataError
 from healthivert.io.tables import read_table
 from healthivert.evaluation.figures import confusion_figure, figure_png, rhlv_truth_figure, vertebra_panel
+from healthivert.evaluation.floor import rhlv_floor_metrics
 from healthivert.evaluation.generation import GenerationScores, generation_scores
 from healthivert.evaluation.grading import bootstrap_scores, paired_bootstrap_difference
 from healthivert.evaluation.report import ReportContent, VertebraEntry, grade_recall_text, render_report
@@ -227,7 +229,8 @@ def source_metrics(table: pd.DataFrame, evaluated: pd.DataFrame, resamples: int,
         prefix = f"source.{str(source).replace('-', '_')}."
         grading, _ = grading_metrics(evaluated[evaluated["source"] == source], resamples, seed)
         metrics |= {prefix + key: value for key, value in grading.items()}
-        metrics |= {prefix + key: value for key, value in rhlv_errors(table[table["source"] == source]).items()}
+        rows = table[table["source"] == source]
+        metrics |= {prefix + key: value for key, value in (rhlv_errors(rows) | rhlv_floor_metrics(rows)).items()}
     return metrics
 
 
@@ -396,6 +399,15 @@ def _generation_text(metrics: dict[str, float], group: str) -> str:
             f"(bias {metrics[prefix + 'height_bias_mm']:+.2f} mm)")
 
 
+def _floor_text(metrics: dict[str, float]) -> str:
+    """The GAN's RHLV MAE beside the neighbour oracle's (:mod:`healthivert.evaluation.floor`), per third."""
+    def thirds(kind: str) -> str:
+        return " / ".join(f"{metrics[f'rhlv.floor.{kind}.{third}']:.3f}" for third in THIRDS)
+
+    return (f"RHLV MAE (anterior / middle / posterior) of the GAN {thirds('gan_mae')}; restoring each vertebra "
+            f"from its two neighbours' true fracture-free heights {thirds('mae')} (what its neighbours cannot tell)")
+
+
 def run(params: Params, data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path, out: Path) -> dict[str, float]:
     """Evaluate the pipeline's outputs and write metrics, plot data, figures and the report.
 
@@ -409,6 +421,7 @@ def run(params: Params, data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path, 
     metrics, confusions = grading_metrics(evaluated, settings.bootstrap, settings.seed)
     truth = table.dropna(subset=[f"truth_loss_{t}" for t in THIRDS])
     metrics.update(rhlv_errors(table))
+    metrics.update(rhlv_floor_metrics(table))
     metrics.update(generation_metrics(evaluated, data))
     metrics = {key: float(value) for key, value in metrics.items() if np.isfinite(value)}
     passed, reason = candidate_verdict(metrics, settings.candidate_gate)
@@ -437,6 +450,8 @@ def run(params: Params, data: Path, synth: Path, rhlv_dir: Path, svm_dir: Path, 
                      for method, (_, label) in METHODS.items() if f"source.{key}.grading.{method}.macro_f1" in metrics]
     generation_rows = [(f"{group} vertebrae (n={int(metrics[f'generation.{group}.n'])})", _generation_text(metrics, group))
                        for group in ("healthy", "fractured") if f"generation.{group}.n" in metrics]
+    if "rhlv.floor.n" in metrics:
+        generation_rows.append((f"RHLV error floor (n={int(metrics['rhlv.floor.n'])})", _floor_text(metrics)))
     graded = table["grade"].notna()
     content = ReportContent(
         summary=[("patients", str(table["case"].nunique())), ("vertebrae", str(len(table))),

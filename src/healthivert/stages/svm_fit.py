@@ -119,13 +119,20 @@ def read_rhlv_table(path: Path, features: tuple[str, ...]) -> pd.DataFrame:
     return table
 
 
-def _fit(table: pd.DataFrame, params: Params, features: tuple[str, ...], source: Path) -> GradingResult:
+def generator_targets(table: pd.DataFrame, params: Params) -> pd.Series:
+    """Rows whose vertebra was a training target of the generator: train split, grade <= the stages' target_max_grade."""
+    max_grade = max(params.train_coarse.target_max_grade, params.train_fine.target_max_grade)
+    return (table["split"] == "train") & table["grade"].notna() & (table["grade"] <= max_grade)
+
+
+def _fit(table: pd.DataFrame, params: Params, features: tuple[str, ...], source: Path,
+         learnt: pd.Series | None = None) -> GradingResult:
     train_grades = table.loc[(table["split"] == "train") & table["grade"].notna(), "grade"].unique()
     if len(train_grades) < 2:
         raise InputDataError(source, f"the train split has {len(train_grades)} distinct grade(s)",
                              "grading needs graded vertebrae of at least two grades in train")
     try:
-        return fit_grader(table, params.svm_fit, features)
+        return fit_grader(table, params.svm_fit, features, learnt)
     except ValueError as exc:
         raise InputDataError(source, str(exc), "check the split of the data or svm_fit settings") from exc
 
@@ -133,15 +140,16 @@ def _fit(table: pd.DataFrame, params: Params, features: tuple[str, ...], source:
 def run(params: Params, rhlv_table: Path, out: Path) -> dict[str, float]:
     """Fit the RHLV grader and the baseline grader; write models and predictions.
 
-    The baseline is fitted on the vertebrae where it is defined (it needs a measured neighbour);
-    the others get no baseline prediction.
+    The RHLV grader leaves out the generator's training targets (``svm_fit.fit_on``,
+    :func:`healthivert.grading.fit.fit_unseen`). The baseline is fitted on the vertebrae where it is
+    defined (it needs a measured neighbour); the others get no baseline prediction.
 
     Returns:
         flat metrics: ``svm_*`` for RHLV features, ``baseline_*`` for the mask-only baseline.
     """
     features = tuple(params.svm_fit.features)
     table = read_rhlv_table(rhlv_table, features)
-    result = _fit(table, params, features, rhlv_table)
+    result = _fit(table, params, features, rhlv_table, generator_targets(table, params).fillna(False))
     metrics = {f"svm_{key}": value for key, value in result.metrics.items()}
     predictions = result.predictions
     baseline_features = tuple(BASELINE_COUNTERPARTS[f] for f in features if f in BASELINE_COUNTERPARTS)
