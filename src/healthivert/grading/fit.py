@@ -96,6 +96,16 @@ def _predictions(table: pd.DataFrame, model: GradingModel) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+def _split_metrics(table: pd.DataFrame, model: GradingModel, features: Sequence[str]) -> dict[str, float]:
+    """``<split>_<score>`` of ``model`` on the graded vertebrae of each split."""
+    metrics: dict[str, float] = {}
+    for split in ("train", "val", "test"):
+        x_split, y_split = _xy(_graded(table, [split]), features)
+        for key, value in grade_metrics(y_split, model.predict(x_split) if y_split.size else y_split).items():
+            metrics[f"{split}_{key}"] = value
+    return metrics
+
+
 def fit_holdout(table: pd.DataFrame, features: Sequence[str], c_grid: Sequence[float]) -> GradingResult:
     """Fit on ``train``, choose ``C`` on ``val`` (macro-F1, ties to the smaller C), report on ``test``.
 
@@ -124,10 +134,7 @@ def fit_holdout(table: pd.DataFrame, features: Sequence[str], c_grid: Sequence[f
             log.info("C=%g: val macro-F1 %.3f", c, f1)
     best_c, best_model = fitted[int(np.argmax(scores))]  # first maximum: the smallest C among ties
     metrics["c"] = best_c
-    for split in ("train", "val", "test"):
-        x_split, y_split = _xy(_graded(table, [split]), features)
-        for key, value in grade_metrics(y_split, best_model.predict(x_split) if y_split.size else y_split).items():
-            metrics[f"{split}_{key}"] = value
+    metrics |= _split_metrics(table, best_model, features)
     model = dataclasses.replace(best_model, info={"protocol": "holdout", "c_grid": candidates,
                                                   "test_macro_f1": metrics["test_macro_f1"]})
     return GradingResult(model, _predictions(table, model), metrics)
@@ -175,10 +182,7 @@ def fit_unseen(table: pd.DataFrame, features: Sequence[str], c_grid: Sequence[fl
     model = fit_model(x_fit, y_fit, features, best_c)
     metrics["c"] = best_c
     metrics["fitted_vertebrae"] = float(len(unseen))
-    for split in ("train", "val", "test"):
-        x_split, y_split = _xy(_graded(table, [split]), features)
-        for key, value in grade_metrics(y_split, model.predict(x_split) if y_split.size else y_split).items():
-            metrics[f"{split}_{key}"] = value
+    metrics |= _split_metrics(table, model, features)
     model = dataclasses.replace(model, info={"protocol": "holdout", "fit_on": "unseen", "c_grid": candidates,
                                              "test_macro_f1": metrics["test_macro_f1"]})
     return GradingResult(model, _predictions(table, model), metrics)

@@ -149,7 +149,7 @@ def run(params: Params, rhlv_table: Path, out: Path) -> dict[str, float]:
     """
     features = tuple(params.svm_fit.features)
     table = read_rhlv_table(rhlv_table, features)
-    result = _fit(table, params, features, rhlv_table, generator_targets(table, params).fillna(False))
+    result = _fit(table, params, features, rhlv_table, generator_targets(table, params))
     metrics = {f"svm_{key}": value for key, value in result.metrics.items()}
     predictions = result.predictions
     baseline_features = tuple(BASELINE_COUNTERPARTS[f] for f in features if f in BASELINE_COUNTERPARTS)
