@@ -17,7 +17,7 @@ from healthivert.cli import main
 from healthivert.config import load_params
 from healthivert.io.nifti import load_volume
 from healthivert.models.io import load_classifier, load_generator, read_saved_model
-from healthivert.training.views import training_digest
+from healthivert.training.views import collapse_warning, training_digest
 from healthivert.synthesis.index import read_index
 from healthivert.training.checkpoint import CHECKPOINT_NAME
 from test_dataset import MAX_HEIGHT, write_box_dataset
@@ -204,6 +204,15 @@ def test_training_digest_names_the_view_not_the_list_of_views() -> None:
     sagittal = training_digest(both, both.train_fine, "sagittal", "fine")
     assert sagittal == training_digest(one, one.train_fine, "sagittal", "fine")  # adding a view keeps the others' runs
     assert sagittal != training_digest(both, both.train_fine, "coronal", "fine")
+
+
+def test_a_collapsed_segmentation_is_named_in_one_warning() -> None:
+    metrics = {"val/model/dice": 0.0, "val/interpolate/dice": 0.93}
+    warning = collapse_warning(metrics, "fine", "coronal")
+    assert warning is not None and "\n" not in warning
+    assert "coronal view" in warning and "Dice 0.000" in warning and "synthesize.views" in warning
+    assert collapse_warning({**metrics, "val/model/dice": 0.95}, "fine", "coronal") is None
+    assert collapse_warning({}, "coarse", "sagittal") is None  # no validation slices: nothing to judge
 
 
 def test_a_views_checkpoint_is_not_resumed_as_another_view(two_views: Path, caplog: pytest.LogCaptureFixture) -> None:
