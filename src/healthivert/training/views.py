@@ -165,10 +165,10 @@ def write_model_folder(out: Path, params: Params, stage: Stage, models: list[Vie
 
 
 def collapse_warning(metrics: dict[str, float], stage: Stage, view: View) -> str | None:
-    """A one-line warning when a trained generator's segmentation collapsed (validation Dice below :data:`COLLAPSED_DICE`).
+    """One warning line when a generator's validation Dice ends below :data:`COLLAPSED_DICE`, else ``None``.
 
-    The coronal view's fine segmentation did on the CPU default (Dice 0 through 1000 steps at lr 1e-3 and
-    2e-4, the coarse one 0.91): synthesis then fuses an empty body into every vertebra.
+    Synthesis with such a view fuses an empty body into every vertebra (the coronal fine generator of
+    the CPU default, docs/architecture.md "Trained models").
     """
     dice = metrics.get("val/model/dice", math.nan)
     if not dice < COLLAPSED_DICE:
